@@ -1,0 +1,123 @@
+"""The trainable alignment module: peft LoRA on the last K blocks, projections, temperature.
+
+open_clip's residual blocks hold an ``nn.MultiheadAttention`` (``attn``) and an
+MLP (``mlp.c_fc``, ``mlp.c_proj``). peft >= 0.14 wraps a whole
+``nn.MultiheadAttention`` (its ``in_proj`` and ``out_proj`` together); targeting
+``out_proj`` alone would train nothing, because the attention module never calls
+that Linear's forward. The projections are raw ``nn.Parameter``s that peft
+cannot wrap, so their ``requires_grad`` is set here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .config import TrialSettings
+
+TOWER_PREFIX = {"image": "visual.transformer.resblocks", "text": "transformer.resblocks"}
+PROJECTIONS = ("visual.proj", "text_projection")
+
+
+def lora_target_regex(model: torch.nn.Module, s: TrialSettings) -> str | None:
+    """Full-match regex over module names for the LoRA targets (None when LoRA is off)."""
+    names = []
+    for tower in s.lora_towers:
+        prefix = TOWER_PREFIX[tower]
+        blocks = sorted({int(m.group(1)) for n, _ in model.named_modules()
+                         if (m := re.fullmatch(re.escape(prefix) + r"\.(\d+)", n))})
+        for b in blocks[len(blocks) - s.lora_blocks:] if s.lora_blocks else []:
+            if "attn" in s.lora_targets:
+                names.append(f"{prefix}.{b}.attn")
+            if "mlp" in s.lora_targets:
+                names += [f"{prefix}.{b}.mlp.c_fc", f"{prefix}.{b}.mlp.c_proj"]
+    return "|".join(re.escape(n) for n in names) or None
+
+
+def apply_alignment_module(model: torch.nn.Module, s: TrialSettings) -> torch.nn.Module:
+    """Freeze ``model`` and make only the alignment module trainable; returns the (peft-wrapped) model."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    target = lora_target_regex(model, s)
+    if target:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=s.lora_rank, lora_alpha=s.lora_alpha or 2 * s.lora_rank, lora_dropout=0.0,
+                         target_modules=f"^(?:{target})$", bias="none")
+        model = get_peft_model(model, cfg)
+    base = unwrap(model)
+    for name in PROJECTIONS:
+        param = base.get_parameter(name) if _has(base, name) else None
+        if param is not None:
+            param.requires_grad_(s.train_projections)
+    base.logit_scale.requires_grad_(s.train_logit_scale)
+    return model
+
+
+def _has(module, name) -> bool:
+    try:
+        return isinstance(module.get_parameter(name), torch.nn.Parameter)
+    except AttributeError:
+        return False
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The open_clip CLIP module under DDP and peft wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP
+            model = model.module
+        elif hasattr(model, "get_base_model"):  # peft
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of every trainable tensor, keyed by name under the peft wrapper."""
+    m = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return {n: p.detach().cpu().clone() for n, p in m.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    m = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    params = dict(m.named_parameters())
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+def weight_change_norm(model: torch.nn.Module, initial: dict[str, torch.Tensor]) -> float:
+    """‖ΔW‖: Frobenius norm of the change to the effective weights of the trainable part.
+
+    For LoRA layers that is the delta ``scale * B @ A`` peft adds to the frozen
+    weight; for the projections and temperature, the change from ``initial``.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    m = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    total = 0.0
+    with torch.no_grad():
+        for module in m.modules():
+            if isinstance(module, LoraLayer):
+                for adapter in module.active_adapters:
+                    total += float(module.get_delta_weight(adapter).float().pow(2).sum())
+        for n, p in m.named_parameters():
+            if p.requires_grad and "lora_" not in n and n in initial:
+                total += float((p.detach().cpu().float() - initial[n].float()).pow(2).sum())
+    return total ** 0.5
+
+
+def save_adapter(model: torch.nn.Module, out_dir: Path) -> Path:
+    """Write the peft adapter (if any) and the other trainable tensors as safetensors under ``out_dir``."""
+    from safetensors.torch import save_file
+
+    m = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if hasattr(m, "save_pretrained"):
+        m.save_pretrained(str(out_dir))
+    extra = {n: p.detach().cpu().contiguous() for n, p in m.named_parameters() if p.requires_grad and "lora_" not in n}
+    if extra:
+        save_file(extra, str(out_dir / "alignment_params.safetensors"))
+    return out_dir

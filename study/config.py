@@ -1,0 +1,291 @@
+"""Typed study configuration: a search-space YAML validated completely, once, at the boundary.
+
+``load_study_config`` reads ``search_spaces/*.yaml``, applies CLI overrides and
+returns a :class:`StudyConfig`, or raises :class:`ConfigError` with one line
+naming the file and the field at fault. Nothing downstream sees raw dicts,
+except the plain dict that Ray Tune hands a trial, which the trial turns back
+into :class:`TrialSettings` on its first line.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+DEFAULT_SPACE = SPACES_DIR / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; ``str()`` is one line naming the file and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ------------------------------------------------------------------ trial knobs
+Target = Literal["attn", "mlp"]
+Tower = Literal["image", "text"]
+
+
+def _parts(v):
+    """Accept ``["attn", "mlp"]`` or ``"attn+mlp"`` (Optuna's categoricals must be scalars)."""
+    if isinstance(v, str):
+        return [p for p in v.replace(",", "+").split("+") if p]
+    return v
+
+
+class TrialSettings(_Strict):
+    """Everything that defines one fine-tuning trial. Search-space ``params`` name these fields."""
+
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW peak learning rate")
+    lora_rank: int = Field(4, ge=1, description="LoRA adapter rank r")
+    lora_alpha: Optional[float] = Field(None, gt=0, description="LoRA alpha; default 2 x rank")
+    lora_blocks: int = Field(1, ge=0, description="LoRA on the last K residual blocks of each chosen tower")
+    lora_targets: list[Target] = Field(["attn", "mlp"], description="'attn' (in_proj+out_proj) and/or 'mlp'")
+    lora_towers: list[Tower] = Field(["image", "text"], description="towers that get LoRA")
+    train_projections: bool = Field(True, description="train visual.proj and text_projection")
+    train_logit_scale: bool = Field(True, description="train the temperature")
+    tether_weight: float = Field(0.0, ge=0, description="lambda of the MoCLIP tether (MSE to frozen embeddings)")
+    data_fraction: float = Field(1.0, gt=0, le=1, description="nested share of the fine-tuning split")
+    epochs: int = Field(3, ge=1, le=1000)
+    batch_size: int = Field(64, ge=2, description="global batch (split across workers)")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    seed: int = Field(0, ge=0)
+
+    _split = field_validator("lora_targets", "lora_towers", mode="before")(classmethod(lambda cls, v: _parts(v)))
+
+    @model_validator(mode="after")
+    def _something_trains(self):
+        lora = self.lora_blocks > 0 and self.lora_targets and self.lora_towers
+        if not (lora or self.train_projections or self.train_logit_scale):
+            raise ValueError("nothing to train: enable LoRA (lora_blocks, lora_targets, lora_towers), "
+                             "train_projections or train_logit_scale")
+        return self
+
+
+TRIAL_FIELDS = set(TrialSettings.model_fields)
+
+
+# ------------------------------------------------------------ search space
+class Uniform(_Strict):
+    distribution: Literal["uniform"]
+    low: float
+    high: float
+
+
+class LogUniform(_Strict):
+    distribution: Literal["loguniform"]
+    low: float = Field(gt=0)
+    high: float = Field(gt=0)
+
+
+class QUniform(_Strict):
+    distribution: Literal["quniform"]
+    low: float
+    high: float
+    q: float = Field(gt=0)
+
+
+class IntRange(_Strict):
+    distribution: Literal["int", "logint"]
+    low: int
+    high: int
+
+
+class Categorical(_Strict):
+    distribution: Literal["categorical"]
+    choices: list[Union[str, int, float, bool]] = Field(min_length=1)
+
+
+Distribution = Annotated[Union[Uniform, LogUniform, QUniform, IntRange, Categorical],
+                         Field(discriminator="distribution")]
+DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "int", "logint", "categorical")
+
+METRICS = ("specialized_top1", "specialized_balanced_accuracy", "general_top1", "general_balanced_accuracy",
+           "specialized_top1_gain", "general_top1_change")
+
+
+class Objective(_Strict):
+    metric: Literal[METRICS]  # type: ignore[valid-type]
+    mode: Literal["max", "min"] = "max"
+
+
+class PretrainSection(_Strict):
+    """Offline default base model only: how to pretrain it (cached per settings)."""
+
+    steps: int = Field(800, ge=1)
+    batch_size: int = Field(256, ge=2)
+    lr: float = Field(2e-3, gt=0)
+    seed: int = Field(0, ge=0)
+    data_scale: float = Field(1.0, gt=0, le=1)
+
+
+class ModelSection(_Strict):
+    name: str = "clip-study-tiny"  # open_clip model name, or hf-hub:org/repo
+    pretrained: Optional[str] = None  # open_clip tag or checkpoint path; None = offline default
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype on GPU; CPU runs fp32 or bf16
+    pretrain: PretrainSection = PretrainSection()
+
+
+class FinetuneData(_Strict):
+    source: str = "offline:micrographs"
+    split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "caption"
+    csv_separator: str = ","
+
+
+class BenchmarkData(_Strict):
+    source: str
+    split: str = "test"
+    image_column: str = "image"
+    label_column: str = "label"
+    classnames: Optional[list[str]] = None  # default: the label column's ClassLabel names
+    templates: list[str] = Field(min_length=1)
+    max_images: Optional[int] = Field(None, ge=1)
+
+    @field_validator("templates")
+    @classmethod
+    def _has_slot(cls, v):
+        for t in v:
+            if "{c}" not in t:
+                raise ValueError(f"template {t!r} has no '{{c}}' slot for the class name")
+        return v
+
+
+class DataSection(_Strict):
+    finetune: FinetuneData = FinetuneData()
+    specialized: BenchmarkData = BenchmarkData(
+        source="offline:micrographs",
+        templates=["a micrograph of {c}.", "{c} under the microscope.", "a stained smear showing {c}."])
+    general: BenchmarkData = BenchmarkData(
+        source="offline:shapes",
+        templates=["a {c}.", "a picture of a {c}.", "an image of a {c}.", "a photo of a {c}.", "a drawing of a {c}."])
+    seed: int = Field(0, ge=0)  # seeds the offline domains and the fraction subsets
+    offline_scale: float = Field(1.0, gt=0, le=1)  # shrink generated domains (smoke runs)
+
+
+class SearchSection(_Strict):
+    trials: int = Field(8, ge=1)
+    max_concurrent: int = Field(2, ge=1)
+    seed: int = Field(0, ge=0)
+    objective: list[Objective] = Field([Objective(metric="specialized_top1")], min_length=1, max_length=4)
+
+
+class ResourcesSection(_Strict):
+    workers_per_trial: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+
+
+class StudyConfig(_Strict):
+    name: str = Field("clip-alignment-study", min_length=1)
+    description: str = ""
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    search: SearchSection = SearchSection()
+    resources: ResourcesSection = ResourcesSection()
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.search.objective) > 1
+
+
+# ------------------------------------------------------------- loading
+def _fmt(err: ValidationError, file: str, prefix: tuple = ()) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in prefix + tuple(e["loc"]) if not str(p).startswith(("function-", "tagged-union")))
+    msg = e["msg"].removeprefix("Value error, ")
+    got = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {e.get('input')!r})"
+    return f"{file}: {loc or '<top>'}: {msg}{got}"
+
+
+def _validate_params(params: dict, file: str) -> dict:
+    """Check each search-space entry and return ``{name: fixed value | Distribution}``."""
+    out = {}
+    defaults = TrialSettings().model_dump()
+    for name, spec in params.items():
+        if name not in TRIAL_FIELDS:
+            raise ConfigError(f"{file}: params.{name}: unknown parameter; known: {', '.join(sorted(TRIAL_FIELDS))}")
+        if isinstance(spec, dict) and "distribution" in spec:
+            if spec["distribution"] not in DISTRIBUTIONS:
+                raise ConfigError(f"{file}: params.{name}.distribution: unknown distribution "
+                                  f"{spec['distribution']!r}; choose from {', '.join(DISTRIBUTIONS)}")
+            try:
+                from pydantic import TypeAdapter
+
+                dist = TypeAdapter(Distribution).validate_python(spec)
+            except ValidationError as err:
+                raise ConfigError(_fmt(err, file, ("params", name))) from None
+            if hasattr(dist, "low") and dist.low > dist.high:
+                raise ConfigError(f"{file}: params.{name}: low {dist.low} is above high {dist.high}")
+            probes = dist.choices if isinstance(dist, Categorical) else [("low", dist.low), ("high", dist.high)]
+            for probe in probes:
+                field, value = probe if isinstance(probe, tuple) else ("choices", probe)
+                try:
+                    TrialSettings(**{**defaults, name: value})
+                except ValidationError as err:
+                    raise ConfigError(_fmt(err, file, ("params",)).replace(
+                        f"params.{name}:", f"params.{name}.{field}:", 1)) from None
+            out[name] = dist
+        else:
+            try:
+                out[name] = getattr(TrialSettings(**{**defaults, name: spec}), name)
+            except ValidationError as err:
+                raise ConfigError(_fmt(err, file, ("params",))) from None
+    return out
+
+
+def _set_path(tree: dict, dotted: str, value, file: str) -> None:
+    keys = dotted.split(".")
+    if len(keys) == 1 and keys[0] in TRIAL_FIELDS:
+        keys = ["params", keys[0]]
+    node = tree
+    for k in keys[:-1]:
+        if not isinstance(node.get(k, {}), dict):
+            raise ConfigError(f"{file}: --set {dotted}: {k!r} is not a section")
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"search.trials=4"`` -> ``("search.trials", 4)``; values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_study_config(path: Path | str | None = None, overrides: list[tuple[str, Any]] = ()) -> tuple[StudyConfig, dict]:
+    """Read, override and validate a search space. Returns ``(config, validated params)``."""
+    path = Path(path) if path else DEFAULT_SPACE
+    file = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{file}: search space file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{file}: malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = copy.deepcopy(raw)
+    for key, value in overrides:
+        _set_path(raw, key, value, file)
+    try:
+        cfg = StudyConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_fmt(err, file)) from None
+    params = _validate_params(cfg.params, file)
+    if not any(isinstance(v, BaseModel) for v in params.values()):
+        raise ConfigError(f"{file}: params: nothing to search; give at least one parameter a distribution")
+    return cfg, params

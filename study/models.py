@@ -1,0 +1,86 @@
+"""Base models: any open_clip model, or the project's own small CLIP built offline.
+
+``load_base_model`` takes an open_clip model name with
+
+* a pretrained tag (``ViT-B-32`` + ``laion2b_s34b_b79k``),
+* a local checkpoint path (``pretrained: /path/to/ckpt.pt``),
+* or an ``hf-hub:org/repo`` id (the tag is ignored),
+
+and for the offline default, ``clip-study-tiny`` with no tag, it pretrains the
+small model on the generated general domain once and caches the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+OFFLINE_MODEL = "clip-study-tiny"
+_registered = False
+
+
+class ModelError(ValueError):
+    """An unusable model name, tag or checkpoint; the message names the field."""
+
+
+def register_configs() -> None:
+    """Make the project's model configs (``study/model_configs/*.json``) known to open_clip."""
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+def check_model(name: str, pretrained: str | None, where: str = "model") -> None:
+    """Validate a model name and tag without loading weights or touching the network."""
+    import open_clip
+
+    register_configs()
+    if name.startswith(("hf-hub:", "local-dir:")):
+        if name.startswith("local-dir:") and not Path(name.split(":", 1)[1]).is_dir():
+            raise ModelError(f"{where}.name: directory {name.split(':', 1)[1]!r} does not exist")
+        return
+    if name not in open_clip.list_models():
+        raise ModelError(f"{where}.name: unknown open_clip model {name!r} "
+                         f"(see open_clip.list_models(); or use 'hf-hub:org/repo')")
+    if pretrained is None:
+        if name != OFFLINE_MODEL:
+            raise ModelError(f"{where}.pretrained: {name!r} needs a pretrained tag or a checkpoint path; "
+                             f"tags: {open_clip.list_pretrained_tags_by_model(name)}")
+        return
+    if Path(pretrained).expanduser().suffix in {".pt", ".pth", ".bin", ".safetensors"} or "/" in pretrained:
+        if not Path(pretrained).expanduser().is_file():
+            raise ModelError(f"{where}.pretrained: checkpoint {pretrained!r} does not exist")
+        return
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ModelError(f"{where}.pretrained: unknown tag {pretrained!r} for {name!r}; tags: {tags}")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    preprocess: object  # torchvision transform: PIL image -> [3, H, W]
+    tokenizer: object   # list[str] -> LongTensor [N, context_length]
+
+
+def load_base_model(name: str, pretrained: str | None, device="cpu") -> LoadedModel:
+    """Build ``name`` and load its weights (tag, local file, or hf-hub) with ``weights_only=True``."""
+    import open_clip
+
+    register_configs()
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        name, pretrained=pretrained, device=device, weights_only=True)
+    tokenizer = open_clip.get_tokenizer(name)
+    return LoadedModel(model, preprocess, tokenizer)
+
+
+def model_config(name: str) -> dict:
+    register_configs()
+    return json.loads((CONFIG_DIR / f"{name}.json").read_text())

@@ -1,0 +1,104 @@
+"""Run one sweep of a validated study: MLflow parent and baseline runs, the Tune sweep, the summary."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from . import tracking
+from .config import StudyConfig
+from .prepare import Prepared
+from .summary import TrialOutcome, format_summary
+from .sweep import SweepContext, make_tuner
+from .train_loop import WorkerJob
+
+
+def start_sweep_runs(cfg: StudyConfig, prepared: Prepared, tracking_uri: str, sweep_name: str) -> dict:
+    """Create the experiment, the sweep's parent run and its baseline child run."""
+    c = tracking.client(tracking_uri)
+    exp_id = tracking.ensure_experiment(c, cfg.name, tracking_uri)
+    tags = {tracking.KIND_TAG: "sweep", "study.sweep": sweep_name, **tracking.provenance_tags()}
+    parent = c.create_run(exp_id, tags=tags, run_name=sweep_name).info.run_id
+    config_dump = cfg.model_dump(mode="json")
+    tracking.log_params(c, parent, {"search.trials": str(cfg.search.trials),
+                                    "search.objective": ",".join(f"{o.metric}:{o.mode}" for o in cfg.search.objective),
+                                    "model.name": cfg.model.name, "model.pretrained": str(prepared.model_pretrained),
+                                    "data.finetune.source": cfg.data.finetune.source,
+                                    "data.finetune.pairs": str(prepared.finetune_pairs)})
+    tracking.log_dict_artifact(c, parent, None, "study_config.yaml", yaml.safe_dump(config_dump, sort_keys=False))
+    tracking.log_dict_artifact(c, parent, tracking.package_versions(), "package_versions.json")
+    base_tags = {"mlflow.parentRunId": parent, tracking.KIND_TAG: "baseline", **tracking.provenance_tags()}
+    baseline = c.create_run(exp_id, tags=base_tags, run_name="baseline").info.run_id
+    tracking.log_params(c, baseline, {"model.name": cfg.model.name, "model.pretrained": str(prepared.model_pretrained)})
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    c.log_batch(baseline, metrics=[Metric(k, v, now, 0) for k, v in prepared.baseline.items()])
+    c.set_terminated(baseline)
+    return {"experiment_id": exp_id, "parent_run_id": parent, "baseline_run_id": baseline}
+
+
+def collect(results) -> list[TrialOutcome]:
+    rows = []
+    for r in results:
+        trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
+        status = "ERROR" if r.error else ("TERMINATED" if r.metrics and "specialized_top1" in r.metrics else "UNFINISHED")
+        err = ""
+        if r.error:
+            from .sweep import _reason
+
+            err = _reason(r.error)
+        rows.append(TrialOutcome(trial_id, status, dict(r.config or {}), dict(r.metrics or {}), err))
+    return rows
+
+
+def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, args, state_file: Path) -> int:
+    import ray
+
+    tracking_uri = args.tracking_uri or tracking.default_tracking_uri()
+    storage = args.storage_path or str((args.output_dir / cfg.name / "ray").resolve())
+    if args.resume:
+        state = json.loads(state_file.read_text())
+        sweep_name = state["sweep"]
+        print(f"[study] resuming sweep {sweep_name} (parent run {state['parent_run_id']})", flush=True)
+    else:
+        sweep_name = time.strftime("sweep-%Y%m%d-%H%M%S")
+        state = {"sweep": sweep_name, "tracking_uri": tracking_uri, "storage": storage,
+                 "baseline": prepared.baseline,
+                 **start_sweep_runs(cfg, prepared, tracking_uri, sweep_name)}
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps(state, indent=2))
+    print(f"[study] baseline zero-shot top-1: specialized {state['baseline']['specialized_top1']:.1%}, "
+          f"general {state['baseline']['general_top1']:.1%}", flush=True)
+
+    job = WorkerJob(settings={}, data=cfg.data, model_name=cfg.model.name, model_pretrained=prepared.model_pretrained,
+                    precision=cfg.model.precision, cache_dir=str(args.cache_dir.resolve()),
+                    cpus_per_worker=cfg.resources.cpus_per_worker, tracking_uri=tracking_uri,
+                    baseline=state["baseline"])
+    context = SweepContext(job=job, experiment_id=state["experiment_id"], parent_run_id=state["parent_run_id"],
+                           train_storage=str(Path(storage) / sweep_name / "train") if "://" not in storage
+                           else f"{storage}/{sweep_name}/train",
+                           workers_per_trial=cfg.resources.workers_per_trial,
+                           gpus_per_worker=cfg.resources.gpus_per_worker)
+    ray.init(address=args.address, log_to_driver=True, include_dashboard=False, configure_logging=True,
+             logging_level="WARNING")
+    try:
+        tuner = make_tuner(cfg, params, context, Path(storage) if "://" not in storage else storage,
+                           sweep_name, resume=args.resume)
+        results = tuner.fit()
+    finally:
+        ray.shutdown()
+    rows = collect(results)
+    c = tracking.client(tracking_uri)
+    unfinished = [r for r in rows if r.status == "UNFINISHED"]
+    if unfinished or len(rows) < cfg.search.trials:
+        print(f"[study] sweep stopped with {len(unfinished)} unfinished trial(s); continue it with the same "
+              f"command plus --resume", flush=True)
+        return 130
+    c.set_terminated(state["parent_run_id"])
+    print(format_summary(rows, state["baseline"], cfg.name, tracking_uri, state["parent_run_id"],
+                         cfg.multi_objective), flush=True)
+    return 0

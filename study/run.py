@@ -1,0 +1,93 @@
+"""``python -m study.run``: sweep LoRA fine-tuning of a CLIP alignment module, logged to MLflow.
+
+The one entry point. It validates everything first (exit 2 on bad input, before
+Ray starts or MLflow is touched), prepares the base model and baseline, runs the
+Ray Tune + Optuna sweep over Ray Train workers, and prints the answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import SPACES_DIR, ConfigError, load_study_config, parse_override
+
+SMOKE_OVERRIDES = [  # the tiniest real study: 2 trials, one short epoch, tiny data and base model
+    ("search.trials", 2), ("search.max_concurrent", 2), ("params.epochs", 1), ("params.batch_size", 32),
+    ("data.offline_scale", 0.1), ("model.pretrain.steps", 60), ("model.pretrain.data_scale", 0.1),
+    ("model.pretrain.batch_size", 128),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m study.run",
+        description="Fine-tune the image-text alignment module (LoRA adapters, projection heads, temperature) of a "
+                    "CLIP model on a domain dataset, searching hyperparameters with Ray Tune + Optuna over Ray Train "
+                    "workers, and record every trial in MLflow. With no arguments: the offline default study.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--space", type=Path, default=SPACES_DIR / "default.yaml",
+                   help="search-space YAML (distributions, fixed values, trials, concurrency, resources, objective)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the space, e.g. --set search.trials=4, --set lora_rank=8 "
+                        "(a bare parameter name fixes it), --set params.learning_rate.high=0.1; repeatable")
+    p.add_argument("--trials", type=int, help="number of trials (same as --set search.trials=N)")
+    p.add_argument("--max-concurrent", type=int, help="trials running at once")
+    p.add_argument("--workers", type=int, help="Ray Train workers per trial (DDP; gloo on CPU, nccl on GPU)")
+    p.add_argument("--name", help="study name = MLflow experiment name (default: the space's 'name')")
+    p.add_argument("--smoke-test", action="store_true",
+                   help="the tiniest real study: 2 trials, 1 short epoch, tiny data; finishes in about a minute")
+    p.add_argument("--resume", action="store_true",
+                   help="continue this study's last interrupted sweep: finished trials are kept, unfinished ones "
+                        "resume from their checkpoints, each trial keeps its one MLflow run")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="MLflow tracking URI (env MLFLOW_TRACKING_URI); default: sqlite:///mlflow.db in the current "
+                        "directory, MLflow's own embedded store")
+    p.add_argument("--output-dir", type=Path, default=Path("outputs"),
+                   help="Ray Tune/Train storage (checkpoints, experiment state) and sweep state; on a cluster, "
+                        "a shared path or s3:// URI is set with --storage-path")
+    p.add_argument("--storage-path", help="Ray storage_path override (e.g. s3://bucket/prefix on a cluster)")
+    p.add_argument("--cache-dir", type=Path,
+                   default=Path(os.environ.get("CLIP_STUDY_CACHE", Path.home() / ".cache" / "clip-study")),
+                   help="where the generated domains and the pretrained offline base model are cached "
+                        "(env CLIP_STUDY_CACHE)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray cluster address (env RAY_ADDRESS); default: start a local Ray")
+    return p
+
+
+def config_from_args(args):
+    overrides = [parse_override(o) for o in args.overrides]
+    if args.smoke_test:
+        overrides = SMOKE_OVERRIDES + overrides
+    for flag, key in ((args.trials, "search.trials"), (args.max_concurrent, "search.max_concurrent"),
+                      (args.workers, "resources.workers_per_trial"), (args.name, "name")):
+        if flag is not None:
+            overrides.append((key, flag))
+    return load_study_config(args.space, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg, params = config_from_args(args)
+        state_file = (args.output_dir / cfg.name / "sweep.json").resolve()
+        if args.resume and not state_file.exists():
+            raise ConfigError(f"--resume: no sweep of study {cfg.name!r} under {args.output_dir} to resume")
+        from .prepare import prepare
+
+        prepared = prepare(cfg, args.cache_dir.resolve())
+    except (ValueError, OSError) as exc:  # ConfigError, DataError, ModelError all name file and field
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from .orchestrate import run_study
+
+    return run_study(cfg, params, prepared, args, state_file)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Ray Tune + Optuna over Ray Train: all of the project's Ray wiring lives here.
+
+One Tune trial runs :func:`trial_driver`, which opens (or, on resume, finds)
+the trial's MLflow run and launches a ``TorchTrainer`` named after the trial
+id, so that a retried or restored trial resumes from its own checkpoints.
+Results reach Tune through ``TuneReportCallback`` (the Train V2 pattern).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+from .config import Categorical, IntRange, LogUniform, QUniform, StudyConfig, TrialSettings, Uniform
+from .train_loop import WorkerJob, train_fn_per_worker
+
+
+class SweepContext(BaseModel):
+    """Study-wide facts every trial needs (passed with ``tune.with_parameters``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    job: WorkerJob  # everything but the trial's own settings and run id
+    experiment_id: str
+    parent_run_id: str
+    train_storage: str
+    workers_per_trial: int
+    gpus_per_worker: float
+
+
+def tune_space(params: dict) -> dict:
+    """Map validated search-space entries to Ray Tune sampling primitives."""
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    for name, p in params.items():
+        if isinstance(p, LogUniform):
+            out[name] = tune.loguniform(p.low, p.high)
+        elif isinstance(p, Uniform):
+            out[name] = tune.uniform(p.low, p.high)
+        elif isinstance(p, QUniform):
+            out[name] = tune.quniform(p.low, p.high, p.q)
+        elif isinstance(p, IntRange):  # inclusive high, as the YAML reads
+            out[name] = (tune.lograndint if p.distribution == "logint" else tune.randint)(p.low, p.high + 1)
+        elif isinstance(p, Categorical):
+            out[name] = tune.choice(p.choices)
+        else:
+            out[name] = "+".join(p) if isinstance(p, list) else p
+    return out
+
+
+def trial_driver(config: dict, context: dict) -> None:
+    """One Tune trial: typed settings, its MLflow run, then a Ray Train run."""
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .tracking import end_trial_run, ensure_trial_run
+
+    settings = TrialSettings.model_validate(config)
+    ctx = SweepContext.model_validate(context)
+    trial_id = ray.tune.get_context().get_trial_id()
+    tracking_uri = ctx.job.tracking_uri
+    run_id = ensure_trial_run(tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id,
+                              settings.model_dump(), json.dumps(settings.model_dump(), indent=2))
+    job = ctx.job.model_copy(update={"settings": settings, "run_id": run_id})
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=job.model_dump(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=ctx.workers_per_trial, use_gpu=ctx.gpus_per_worker > 0,
+            resources_per_worker={"CPU": job.cpus_per_worker,
+                                  **({"GPU": ctx.gpus_per_worker} if ctx.gpus_per_worker else {})}),
+        run_config=ray.train.RunConfig(
+            name=f"train-{trial_id}",  # deterministic: a retried driver resumes from its checkpoints
+            storage_path=ctx.train_storage,
+            callbacks=[TuneReportCallback()],
+            failure_config=ray.train.FailureConfig(max_failures=0),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as exc:
+        end_trial_run(tracking_uri, run_id, "FAILED", reason=_reason(exc))
+        raise
+    end_trial_run(tracking_uri, run_id, "FINISHED")
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost worker error, one line, e.g. 'NonFiniteLossError: loss became nan ...'."""
+    text = str(exc)
+    for line in reversed(text.splitlines()):
+        if "Error:" in line and not line.startswith(" "):
+            return line.strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def make_tuner(cfg: StudyConfig, params: dict, context: SweepContext, storage: Path, name: str,
+               resume: bool):
+    """A new ``Tuner`` for the sweep, or the restored one when ``resume`` is set."""
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    # The driver only waits on its TorchTrainer, so it holds no CPU (the workers do); Tune needs a
+    # non-empty bundle, so it reserves a little memory instead.
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, context=context.model_dump()),
+                                    {"cpu": 0, "memory": 256 * 2**20})
+    path = str(storage / name)
+    if resume:
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                  restart_errored=False)
+    metrics = [o.metric for o in cfg.search.objective]
+    modes = [o.mode for o in cfg.search.objective]
+    sampler = (optuna.samplers.NSGAIISampler(seed=cfg.search.seed) if cfg.multi_objective
+               else optuna.samplers.TPESampler(seed=cfg.search.seed, n_startup_trials=min(4, cfg.search.trials)))
+    searcher = OptunaSearch(metric=metrics if cfg.multi_objective else metrics[0],
+                            mode=modes if cfg.multi_objective else modes[0], sampler=sampler)
+    # Multi-objective: OptunaSearch owns metric and mode; TuneConfig must not set them.
+    tune_config = tune.TuneConfig(search_alg=searcher, num_samples=cfg.search.trials,
+                                  max_concurrent_trials=cfg.search.max_concurrent,
+                                  **({} if cfg.multi_objective else {"metric": metrics[0], "mode": modes[0]}))
+    return tune.Tuner(trainable, param_space=tune_space(params), tune_config=tune_config,
+                      run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
+                                                failure_config=tune.FailureConfig(max_failures=0)))
+
+
+def can_resume(storage: Path, name: Optional[str]) -> bool:
+    from ray import tune
+
+    return bool(name) and tune.Tuner.can_restore(str(storage / name))

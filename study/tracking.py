@@ -1,0 +1,162 @@
+"""MLflow layout of a study: one experiment, a parent run per sweep, a child run per trial.
+
+Every call names its run id explicitly (``MlflowClient``), so the driver, the
+Tune trial actors and rank 0 of each Train run can all log without sharing
+MLflow's process-global "active run". The trial -> run map lives in MLflow
+itself (the ``study.trial_id`` tag under the sweep's parent run), so a resumed
+sweep finds the run it opened before instead of opening a duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("torch", "torchvision", "open_clip_torch", "peft", "ray", "optuna", "mlflow", "datasets", "numpy",
+            "pydantic")
+TRIAL_TAG = "study.trial_id"
+KIND_TAG = "study.kind"
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+def default_tracking_uri() -> str:
+    """MLflow's own embedded store (``sqlite:///mlflow.db``), made absolute for Ray workers."""
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_DIR,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def provenance_tags() -> dict[str, str]:
+    tags = {"mlflow.source.git.commit": git_commit()}
+    tags.update({f"version.{k}": v for k, v in package_versions().items()})
+    return tags
+
+
+def client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_experiment(c, name: str, tracking_uri: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:"):  # keep artifacts beside the local store, wherever workers run
+        location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return c.create_experiment(name, artifact_location=location)
+
+
+def log_dict_artifact(c, run_id: str, data, filename: str, text: str | None = None) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / filename
+        path.write_text(text if text is not None else json.dumps(data, indent=2, sort_keys=True, default=str))
+        c.log_artifact(run_id, str(path))
+
+
+def flat_params(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_params(v, key + "."))
+        else:
+            out[key] = ("+".join(map(str, v)) if isinstance(v, list) else str(v))[:6000]
+    return out
+
+
+def log_params(c, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    existing = c.get_run(run_id).data.params
+    new = [Param(k, v) for k, v in params.items() if k not in existing]
+    for i in range(0, len(new), 100):
+        c.log_batch(run_id, params=new[i:i + 100])
+
+
+def find_trial_run(c, experiment_id: str, parent_run_id: str, trial_id: str):
+    runs = c.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
+                                          f"and tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=5)
+    return runs[0] if runs else None
+
+
+def ensure_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
+                     params: dict, config_text: str) -> str:
+    """The child run of ``trial_id``: found by tag if it exists (resume), created otherwise."""
+    c = client(tracking_uri)
+    run = find_trial_run(c, experiment_id, parent_run_id, trial_id)
+    if run is None:
+        tags = {"mlflow.parentRunId": parent_run_id, KIND_TAG: "trial", TRIAL_TAG: trial_id,
+                "mlflow.runName": trial_id, "study.status": "RUNNING", **provenance_tags()}
+        run = c.create_run(experiment_id, tags=tags, run_name=trial_id)
+        log_params(c, run.info.run_id, flat_params(params))
+        log_dict_artifact(c, run.info.run_id, None, "trial_config.json", config_text)
+    else:
+        c.update_run(run.info.run_id, status="RUNNING")
+        c.set_tag(run.info.run_id, "study.status", "RUNNING")
+    return run.info.run_id
+
+
+def end_trial_run(tracking_uri: str, run_id: str, status: str, reason: str | None = None) -> None:
+    c = client(tracking_uri)
+    c.set_tag(run_id, "study.status", status)
+    if reason:
+        c.set_tag(run_id, "study.failure_reason", reason[:5000])
+    c.set_terminated(run_id, status="FINISHED" if status == "FINISHED" else "FAILED")
+
+
+class TrialLogger:
+    """Rank 0's view of its trial's run: per-epoch metrics, final metrics, adapter weights."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.c = client(tracking_uri)
+        self.run_id = run_id
+        # Steps already recorded by an earlier attempt of this trial: never log them twice.
+        self.logged_steps = {m.step for m in self.c.get_metric_history(run_id, "train_loss")}
+
+    def log_epoch(self, metrics: dict, step: int) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        if step in self.logged_steps:
+            return
+        now = int(time.time() * 1000)
+        self.c.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.logged_steps.add(step)
+
+    def log_final(self, model, metrics: dict) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        from .adapters import save_adapter
+
+        now = int(time.time() * 1000)
+        self.c.log_batch(self.run_id, metrics=[Metric(f"final/{k}", float(v), now, 0) for k, v in metrics.items()])
+        with tempfile.TemporaryDirectory() as tmp:
+            self.c.log_artifacts(self.run_id, str(save_adapter(model, Path(tmp) / "adapter")), "adapter")
