@@ -30,6 +30,15 @@ class DataError(ValueError):
     """A dataset that cannot be used as configured; the message names the field at fault."""
 
 
+def _datasets():
+    """``datasets``, with its per-split progress bars off: the study prints its own progress."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    return datasets
+
+
 def offline_dir(cache_dir: Path, domain: str, seed: int, scale: float) -> Path:
     return Path(cache_dir) / "data" / f"{domain}-seed{seed}-scale{scale:g}"
 
@@ -40,7 +49,7 @@ def load_source(source: str, split: str, *, cache_dir: Path, seed: int = 0, scal
 
     ``where`` names the config field that holds ``source``, for error messages.
     """
-    import datasets
+    datasets = _datasets()
 
     if source.startswith(OFFLINE_PREFIX):
         from .synthetic import DOMAINS, build_domain
@@ -130,13 +139,28 @@ def nested_subset(n: int, fraction: float, seed: int) -> np.ndarray:
 
 
 def images_to_tensor(ds, column: str, preprocess, where: str = "dataset") -> torch.Tensor:
-    """Decode and preprocess every image of ``ds[column]``: returns ``[N, 3, H, W]``."""
+    """Decode and preprocess every image of ``ds[column]``: returns ``[N, 3, H, W]``.
+
+    Images are decoded one by one (not by ``datasets``), so a corrupt file is
+    reported with its row index instead of failing somewhere inside Arrow.
+    """
+    import io
+
+    from PIL import Image
+
+    datasets = _datasets()
+    if isinstance(ds.features.get(column), datasets.Image):
+        items = ds.cast_column(column, datasets.Image(decode=False))[column]
+    else:
+        items = ds[column]
     out = []
-    for i, img in enumerate(ds[column]):
+    for i, item in enumerate(items):
         try:
-            out.append(preprocess(img.convert("RGB")))
+            if isinstance(item, dict):
+                item = Image.open(io.BytesIO(item["bytes"])) if item.get("bytes") else Image.open(item["path"])
+            out.append(preprocess(item.convert("RGB")))
         except Exception as exc:
-            raise DataError(f"{where}: image {i} cannot be decoded: {exc}") from exc
+            raise DataError(f"{where}: image {i} cannot be decoded: {type(exc).__name__}: {exc}") from exc
     return torch.stack(out)
 
 

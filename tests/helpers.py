@@ -1,0 +1,27 @@
+"""Helpers for tests that drive the CLI as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_cli(args: list[str], cwd: Path, cache: Path, timeout: float = 300, env: dict | None = None):
+    """Run ``python -m study.run`` as a user would, in ``cwd``; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("MLFLOW_TRACKING_URI", None)
+    full_env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "study.run", "--cache-dir", str(cache), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def mlflow_runs(cwd: Path, experiment: str = "clip-alignment-study"):
+    """All runs of ``experiment`` in the default store under ``cwd``, as a list of mlflow Run objects."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
+    exp = c.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment!r}"
+    return c, c.search_runs([exp.experiment_id], max_results=1000)

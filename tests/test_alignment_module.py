@@ -1,0 +1,101 @@
+"""The alignment module: what trains, what stays frozen, and the zero-shot protocol."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from open_clip.loss import ClipLoss
+
+from study.adapters import apply_alignment_module, lora_target_regex, save_adapter, trainable_state, unwrap, \
+    weight_change_norm
+from study.config import TrialSettings
+from study.models import load_base_model
+from study.zeroshot import accuracy_metrics, zero_shot_classifier
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return load_base_model("clip-study-tiny", None)
+
+
+def _train(model, tokenizer, steps=3):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randn(8, 3, 32, 32)
+    t = tokenizer([f"a red circle {i}" for i in range(8)])
+    for _ in range(steps):
+        img, txt, scale = model(x, t)
+        loss = ClipLoss()(img, txt, scale)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_targets_last_k_blocks_of_chosen_towers(tiny):
+    regex = lora_target_regex(tiny.model, TrialSettings(lora_blocks=2, lora_targets=["mlp"], lora_towers=["text"]))
+    import re
+
+    names = [n for n, _ in tiny.model.named_modules() if re.fullmatch(regex, n)]
+    assert names == ["transformer.resblocks.1.mlp.c_fc", "transformer.resblocks.1.mlp.c_proj",
+                     "transformer.resblocks.2.mlp.c_fc", "transformer.resblocks.2.mlp.c_proj"]
+
+
+def test_only_alignment_params_train_and_base_is_untouched(tiny):
+    s = TrialSettings(lora_targets=["mlp"], lora_rank=2)
+    model = apply_alignment_module(tiny.model, s)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable)
+    assert {n for n in trainable if "lora_" not in n} == {
+        "base_model.model.visual.proj", "base_model.model.text_projection", "base_model.model.logit_scale"}
+    frozen = {n: p.detach().clone() for n, p in unwrap(model).named_parameters() if not p.requires_grad}
+    before = trainable_state(model)
+    _train(model, tiny.tokenizer)
+    after = dict(unwrap(model).named_parameters())
+    for n, p in frozen.items():  # exact: peft's Linear LoRA never writes the base weight
+        assert torch.equal(p, after[n]), n
+    changed = trainable_state(model)
+    assert all(not torch.equal(before[n], changed[n]) for n in before if "lora_A" in n or "proj" in n)
+    assert weight_change_norm(model, before) > 0
+
+
+def test_attention_lora_keeps_base_weights_within_roundoff(tiny):
+    # peft wraps nn.MultiheadAttention by merging the LoRA delta into in_proj_weight for each
+    # forward and unmerging after, so the frozen weight round-trips through float arithmetic:
+    # it must come back equal up to round-off, never drift by a training-sized step.
+    model = apply_alignment_module(tiny.model, TrialSettings(lora_targets=["attn"], train_projections=False))
+    frozen = {n: p.detach().clone() for n, p in unwrap(model).named_parameters() if not p.requires_grad}
+    _train(model, tiny.tokenizer)
+    after = dict(unwrap(model).named_parameters())
+    for n, p in frozen.items():
+        torch.testing.assert_close(after[n], p, rtol=0, atol=1e-6)
+    assert not unwrap(model).visual.proj.requires_grad
+
+
+def test_adapter_artifact_round_trips(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    model = apply_alignment_module(tiny.model, TrialSettings(lora_rank=2))
+    _train(model, tiny.tokenizer, steps=1)
+    out = save_adapter(model, tmp_path / "adapter")
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    extra = load_file(str(out / "alignment_params.safetensors"))
+    torch.testing.assert_close(extra["base_model.model.visual.proj"], unwrap(model).visual.proj.detach())
+
+
+def test_zero_shot_classifier_follows_clip_benchmark_protocol(tiny):
+    model, tok = tiny.model.eval(), tiny.tokenizer
+    classes, templates = ["circle", "square"], ["a {c}.", "a photo of a {c}."]
+    w = zero_shot_classifier(model, tok, classes, templates, "cpu")
+    assert w.shape == (64, 2)
+    with torch.no_grad():
+        for j, c in enumerate(classes):
+            e = model.encode_text(tok([t.format(c=c) for t in templates]), normalize=True).mean(0)
+            torch.testing.assert_close(w[:, j], e / e.norm())
+
+
+def test_accuracy_metrics_balanced():
+    logits = torch.tensor([[1.0, 0], [1, 0], [1, 0], [0, 1]])  # predicts 0,0,0,1
+    labels = torch.tensor([0, 0, 1, 1])
+    m = accuracy_metrics(logits, labels)
+    assert m["top1"] == pytest.approx(0.75)
+    assert m["balanced_accuracy"] == pytest.approx((1.0 + 0.5) / 2)

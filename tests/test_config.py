@@ -1,0 +1,95 @@
+"""Search spaces are validated completely, with one-line errors naming file and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from study.config import (SPACES_DIR, Categorical, ConfigError, LogUniform, TrialSettings, load_study_config,
+                          parse_override)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "space.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = """
+name: t
+params:
+  learning_rate: {distribution: loguniform, low: 1.0e-4, high: 1.0e-2}
+"""
+
+
+def test_shipped_spaces_validate():
+    for path in sorted(SPACES_DIR.glob("*.yaml")):
+        cfg, params = load_study_config(path)
+        assert cfg.search.trials >= 1
+        assert any(isinstance(v, (LogUniform, Categorical)) for v in params.values()), path
+
+
+def test_default_space_searches_lr_rank_fraction():
+    cfg, params = load_study_config(None)
+    assert isinstance(params["learning_rate"], LogUniform)
+    assert isinstance(params["lora_rank"], Categorical)
+    assert params["data_fraction"].distribution == "uniform"
+    assert cfg.search.objective[0].metric == "specialized_top1"
+
+
+@pytest.mark.parametrize("text, field", [
+    ("name: t\nparams: {learning_rate: {distribution: loguniform, low: 1.0e-4, high: 1.0e-2}}\nbogus: 1\n", "bogus"),
+    ("name: t\nparams: {lr: 0.1}\n", "params.lr"),
+    ("name: t\nparams: {learning_rate: {distribution: gaussian, low: 0, high: 1}}\n", "params.learning_rate.distribution"),
+    ("name: t\nparams: {lora_rank: {distribution: int, low: 0, high: 4}}\n", "params.lora_rank.low"),
+    ("name: t\nparams: {lora_rank: {distribution: categorical, choices: [4, -1]}}\n", "params.lora_rank.choices"),
+    ("name: t\nparams: {learning_rate: {distribution: uniform, low: -1, high: 1}}\n", "params.learning_rate.low"),
+    ("name: t\nparams: {learning_rate: 0, lora_rank: {distribution: int, low: 1, high: 4}}\n", "params.learning_rate"),
+    ("name: t\nparams: {data_fraction: {distribution: uniform, low: 0.5, high: 1.5}}\n", "params.data_fraction.high"),
+    ("name: t\nparams: {data_fraction: {distribution: uniform, low: 0.0, high: 1.0}}\n", "params.data_fraction.low"),
+    ("name: t\nsearch: {trials: 0}\nparams: {lora_rank: {distribution: int, low: 1, high: 4}}\n", "search.trials"),
+    ("name: t\nsearch: {objective: [{metric: accuracy}]}\nparams: {lora_rank: {distribution: int, low: 1, high: 4}}\n",
+     "search.objective.0.metric"),
+    ("name: t\ndata: {specialized: {source: x, templates: ['no slot']}}\nparams: {lora_rank: {distribution: int, low: 1, high: 4}}\n",
+     "data.specialized.templates"),
+    ("name: t\nparams: {learning_rate: {distribution: loguniform, low: 0.1, high: 0.01}}\n", "params.learning_rate"),
+    ("name: t\nparams: {learning_rate: 0.1}\n", "params"),
+])
+def test_bad_space_names_file_and_field(tmp_path, text, field):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_study_config(path)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{path}: {field}"), msg
+
+
+def test_malformed_yaml_reports_line(tmp_path):
+    path = write(tmp_path, "name: t\nparams: {learning_rate: [\n")
+    with pytest.raises(ConfigError, match=r"malformed YAML at line \d+"):
+        load_study_config(path)
+
+
+def test_missing_space_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_study_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_fix_and_reshape_parameters(tmp_path):
+    path = write(tmp_path, BASE)
+    overrides = [parse_override("lora_rank=8"), parse_override("search.trials=3"),
+                 parse_override("params.learning_rate.high=0.05")]
+    cfg, params = load_study_config(path, overrides)
+    assert params["lora_rank"] == 8
+    assert cfg.search.trials == 3
+    assert params["learning_rate"].high == pytest.approx(0.05)
+    with pytest.raises(ConfigError, match="params.lora_rank"):
+        load_study_config(path, [parse_override("lora_rank=0")])
+
+
+def test_trial_settings_parse_parts_and_refuse_empty_training():
+    s = TrialSettings(lora_targets="attn+mlp", lora_towers="text")
+    assert s.lora_targets == ["attn", "mlp"] and s.lora_towers == ["text"]
+    with pytest.raises(ValueError, match="nothing to train"):
+        TrialSettings(lora_blocks=0, train_projections=False, train_logit_scale=False)

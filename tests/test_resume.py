@@ -1,0 +1,85 @@
+"""Interrupt a sweep mid-way, rerun with --resume: nothing finished reruns, each trial keeps one run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from helpers import mlflow_runs, run_cli
+
+ARGS = ["--smoke-test", "--trials", "3", "--max-concurrent", "1", "--set", "params.epochs=2"]
+
+
+def _finished_trials(db: Path) -> list[str]:
+    import sqlite3
+
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            rows = con.execute("select run_uuid from tags where key='study.status' and value='FINISHED'").fetchall()
+        return [r[0] for r in rows]
+    except sqlite3.Error:
+        return []
+
+
+def _stop_after_first_trial(cwd: Path, cache: Path, sig: int) -> int:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(cwd / "first.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "study.run", "--cache-dir", str(cache), *ARGS], cwd=cwd,
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and not _finished_trials(cwd / "mlflow.db"):
+        assert proc.poll() is None, (cwd / "first.log").read_text()[-3000:]
+        time.sleep(1)
+    assert _finished_trials(cwd / "mlflow.db"), "no trial finished in time"
+    time.sleep(4)  # into the second trial
+    proc.send_signal(sig)
+    return proc.wait(timeout=180)
+
+
+def test_interrupted_sweep_resumes_without_duplicates(tmp_path, smoke_cache):
+    code = _stop_after_first_trial(tmp_path, smoke_cache, signal.SIGINT)
+    assert code != 0, "an interrupted sweep must not report success"
+    first_log = (tmp_path / "first.log").read_text()
+    assert "--resume" in first_log
+    c, runs = mlflow_runs(tmp_path)
+    done_before = {r.data.tags["study.trial_id"]: r for r in runs
+                   if r.data.tags.get("study.kind") == "trial" and r.data.tags["study.status"] == "FINISHED"}
+    assert 1 <= len(done_before) < 3
+
+    proc = run_cli([*ARGS, "--resume"], tmp_path, smoke_cache)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming sweep" in proc.stdout and "Study summary" in proc.stdout
+
+    c, runs = mlflow_runs(tmp_path)
+    assert [r.data.tags["study.kind"] for r in runs].count("sweep") == 1
+    assert [r.data.tags["study.kind"] for r in runs].count("baseline") == 1
+    trials = [r for r in runs if r.data.tags.get("study.kind") == "trial"]
+    ids = [r.data.tags["study.trial_id"] for r in trials]
+    assert len(ids) == 3 and len(set(ids)) == 3, ids
+    for run in trials:
+        assert run.data.tags["study.status"] == "FINISHED"
+        steps = [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")]
+        assert sorted(steps) == [1, 2], (run.data.tags["study.trial_id"], steps)
+    for trial_id, before in done_before.items():  # finished trials were not run again
+        after = next(r for r in trials if r.data.tags["study.trial_id"] == trial_id)
+        assert after.info.run_id == before.info.run_id
+        assert after.info.end_time == before.info.end_time
+
+    # Optuna kept what it learned: the restored searcher's study holds every trial, with the
+    # results of those finished before the interruption.
+    from ray.tune.search.optuna import OptunaSearch
+
+    exp_dir = next((tmp_path / "outputs" / "clip-alignment-study" / "ray").glob("sweep-*"))
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(str(exp_dir))
+    values = sorted(t.value for t in searcher._ot_study.trials if t.value is not None)
+    assert len(searcher._ot_study.trials) == 3
+    expected = sorted(r.data.metrics["specialized_top1"] for r in trials)
+    assert values == [round(v, 6) for v in expected] or all(abs(a - b) < 1e-6 for a, b in zip(values, expected))
