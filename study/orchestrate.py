@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from pathlib import Path
 
@@ -44,7 +46,9 @@ def start_sweep_runs(cfg: StudyConfig, prepared: Prepared, tracking_uri: str, sw
 def collect(results) -> list[TrialOutcome]:
     rows = []
     for r in results:
-        trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
+        # Tune names trial folders "<trainable>_<trial id>_<index>_<params>"; failed trials may have no metrics.
+        match = re.search(r"_([0-9a-f]{8})_\d+_", Path(r.path).name)
+        trial_id = (r.metrics or {}).get("trial_id") or (match.group(1) if match else Path(r.path).name)
         status = "ERROR" if r.error else ("TERMINATED" if r.metrics and "specialized_top1" in r.metrics else "UNFINISHED")
         err = ""
         if r.error:
@@ -83,6 +87,9 @@ def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, args, state_fi
                            else f"{storage}/{sweep_name}/train",
                            workers_per_trial=cfg.resources.workers_per_trial,
                            gpus_per_worker=cfg.resources.gpus_per_worker)
+    # Save Tune's experiment state at every step (it is tiny), so a killed driver loses as little as
+    # possible: a trial Tune never recorded would be sampled again under a new id on resume.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     ray.init(address=args.address, log_to_driver=True, include_dashboard=False, configure_logging=True,
              logging_level="WARNING")
     try:
@@ -93,6 +100,10 @@ def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, args, state_fi
         ray.shutdown()
     rows = collect(results)
     c = tracking.client(tracking_uri)
+    orphans = tracking.mark_orphans(c, state["experiment_id"], state["parent_run_id"], {r.trial_id for r in rows})
+    if orphans:
+        print(f"[study] {len(orphans)} MLflow run(s) of trials that Tune never recorded before the interruption "
+              f"were marked ORPHANED: {', '.join(orphans)}", flush=True)
     unfinished = [r for r in rows if r.status == "UNFINISHED"]
     if unfinished or len(rows) < cfg.search.trials:
         print(f"[study] sweep stopped with {len(unfinished)} unfinished trial(s); continue it with the same "

@@ -58,7 +58,7 @@ def trial_driver(config: dict, context: dict) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .tracking import end_trial_run, ensure_trial_run
+    from .tracking import client, end_trial_run, ensure_trial_run
 
     settings = TrialSettings.model_validate(config)
     ctx = SweepContext.model_validate(context)
@@ -84,9 +84,9 @@ def trial_driver(config: dict, context: dict) -> None:
     try:
         trainer.fit()
     except Exception as exc:
-        end_trial_run(tracking_uri, run_id, "FAILED", reason=_reason(exc))
+        end_trial_run(client(tracking_uri), run_id, "FAILED", reason=_reason(exc))
         raise
-    end_trial_run(tracking_uri, run_id, "FINISHED")
+    end_trial_run(client(tracking_uri), run_id, "FINISHED")
 
 
 def _reason(exc: BaseException) -> str:

@@ -123,12 +123,26 @@ def ensure_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, 
     return run.info.run_id
 
 
-def end_trial_run(tracking_uri: str, run_id: str, status: str, reason: str | None = None) -> None:
-    c = client(tracking_uri)
+def mark_orphans(c, experiment_id: str, parent_run_id: str, known_trials: set[str]) -> list[str]:
+    """Close runs of trials the restored sweep does not know (their driver died before Tune saved them).
+
+    They are kept, never deleted, but tagged ``study.status=ORPHANED`` so analysis skips them.
+    """
+    runs = c.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
+                                          f"and tags.`{KIND_TAG}` = 'trial'", max_results=10000)
+    orphans = [r for r in runs if r.data.tags.get(TRIAL_TAG) not in known_trials
+               and r.data.tags.get("study.status") != "ORPHANED"]
+    for r in orphans:
+        end_trial_run(c, r.info.run_id, "ORPHANED",
+                      reason="the sweep was killed before Tune recorded this trial; resumed without it")
+    return [r.data.tags.get(TRIAL_TAG, "?") for r in orphans]
+
+
+def end_trial_run(c, run_id: str, status: str, reason: str | None = None) -> None:
     c.set_tag(run_id, "study.status", status)
     if reason:
         c.set_tag(run_id, "study.failure_reason", reason[:5000])
-    c.set_terminated(run_id, status="FINISHED" if status == "FINISHED" else "FAILED")
+    c.set_terminated(run_id, status={"FINISHED": "FINISHED", "ORPHANED": "KILLED"}.get(status, "FAILED"))
 
 
 class TrialLogger:
