@@ -51,7 +51,8 @@ class TrialSettings(_Strict):
     lora_towers: list[Tower] = Field(["image", "text"], description="towers that get LoRA")
     train_projections: bool = Field(True, description="train visual.proj and text_projection")
     train_logit_scale: bool = Field(True, description="train the temperature")
-    tether_weight: float = Field(0.0, ge=0, description="lambda of the MoCLIP tether (MSE to frozen embeddings)")
+    tether_weight: float = Field(0.0, ge=0, description="lambda of the MoCLIP tether: squared distance of the "
+                                 "normalized embeddings to the frozen model's")
     data_fraction: float = Field(1.0, gt=0, le=1, description="nested share of the fine-tuning split")
     epochs: int = Field(3, ge=1, le=1000)
     batch_size: int = Field(64, ge=2, description="global batch (split across workers)")

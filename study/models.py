@@ -13,6 +13,7 @@ small model on the generated general domain once and caches the weights.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,9 +76,17 @@ def load_base_model(name: str, pretrained: str | None, device="cpu") -> LoadedMo
     import open_clip
 
     register_configs()
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained, device=device, weights_only=True)
-    tokenizer = open_clip.get_tokenizer(name)
+    # open_clip narrates every step on the root logger; keep warnings, except the expected
+    # "no pretrained weights" when the offline model is built from scratch for pretraining.
+    root = logging.getLogger()
+    saved = root.level
+    root.setLevel(logging.ERROR if pretrained is None and name == OFFLINE_MODEL else logging.WARNING)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device, weights_only=True)
+        tokenizer = open_clip.get_tokenizer(name)
+    finally:
+        root.setLevel(saved)
     return LoadedModel(model, preprocess, tokenizer)
 
 

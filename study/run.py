@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 from .config import SPACES_DIR, ConfigError, load_study_config, parse_override
+from .data import DataError
+from .models import ModelError
 
 SMOKE_OVERRIDES = [  # the tiniest real study: 2 trials, one short epoch, tiny data and base model
     ("search.trials", 2), ("search.max_concurrent", 2), ("params.epochs", 1), ("params.batch_size", 32),
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         from .prepare import prepare
 
         prepared = prepare(cfg, args.cache_dir.resolve())
-    except (ValueError, OSError) as exc:  # ConfigError, DataError, ModelError all name file and field
+    except (ConfigError, DataError, ModelError, OSError) as exc:  # each names the file and field at fault
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from .orchestrate import run_study

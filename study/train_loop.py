@@ -52,6 +52,15 @@ def autocast_for(device: torch.device, precision: str):
             torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
 
 
+def tether_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """MoCLIP's tether: mean over the batch of ``||student - teacher||^2`` for normalized ``[B, D]`` embeddings.
+
+    Summed over the embedding dimension (it equals ``2 - 2 cos``), so a weight near 1 means the same
+    thing for a 64-d and a 1024-d model; an element-wise mean would shrink it by the dimension.
+    """
+    return (student.float() - teacher.float()).pow(2).sum(dim=-1).mean()
+
+
 def lr_lambda(warmup: int, total: int):
     return lambda k: min(1.0, (k + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(k, total) / max(1, total)))
 
@@ -127,9 +136,8 @@ def train_fn_per_worker(config: dict) -> None:
                 img_f, txt_f, scale = model(img, txt)
                 loss = loss_fn(img_f, txt_f, scale)
                 if s.tether_weight > 0:
-                    tether = (torch.nn.functional.mse_loss(img_f.float(), teacher_img[idx].to(device))
-                              + torch.nn.functional.mse_loss(txt_f.float(), teacher_txt[idx].to(device)))
-                    loss = loss + s.tether_weight * tether
+                    loss = loss + s.tether_weight * (tether_loss(img_f, teacher_img[idx].to(device))
+                                                     + tether_loss(txt_f, teacher_txt[idx].to(device)))
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
             opt.zero_grad(set_to_none=True)

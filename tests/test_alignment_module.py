@@ -99,3 +99,12 @@ def test_accuracy_metrics_balanced():
     m = accuracy_metrics(logits, labels)
     assert m["top1"] == pytest.approx(0.75)
     assert m["balanced_accuracy"] == pytest.approx((1.0 + 0.5) / 2)
+
+
+def test_tether_is_squared_distance_of_normalized_embeddings():
+    from study.train_loop import tether_loss
+
+    a = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
+    b = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
+    assert tether_loss(a, a) == 0
+    torch.testing.assert_close(tether_loss(a, b), (2 - 2 * (a * b).sum(-1)).mean())

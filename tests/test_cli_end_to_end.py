@@ -69,6 +69,17 @@ def test_nan_trial_fails_with_reason_and_sweep_goes_on(tmp_path, smoke_cache):
         assert float(r.data.params["tether_weight"]) > 1e30
     assert "failed" in proc.stdout and "Pareto front" in proc.stdout
 
+    # Optuna was told: the failed trial is FAIL in the searcher's study, the others COMPLETE
+    # with both objectives.
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(str(next((tmp_path / "outputs" / "clip-alignment-pareto" / "ray").glob("sweep-*"))))
+    states = sorted(t.state.name for t in searcher._ot_study.trials)
+    assert states == sorted(["FAIL"] * len(failed) + ["COMPLETE"] * len(done))
+    assert all(len(t.values) == 2 for t in searcher._ot_study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+
 
 def _root():
     from pathlib import Path
