@@ -149,6 +149,10 @@ def train_fn_per_worker(config: dict) -> None:
                 clip.logit_scale.clamp_(0, math.log(100))
             total += loss.item()
 
+        if world > 1:  # each rank's tether term covers its shard only: average to the global loss
+            summed = torch.tensor([total], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(summed)
+            total = summed.item() / world
         metrics = {"epoch": epoch + 1, "train_loss": total / steps_per_epoch, "train_pairs": len(images),
                    "steps": (epoch + 1) * steps_per_epoch}
         if rank == 0:
