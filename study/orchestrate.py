@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from . import tracking
 from .config import StudyConfig
 from .prepare import Prepared
 from .summary import TrialOutcome, format_summary
-from .sweep import SweepContext, make_tuner
+from .sweep import SweepContext, make_tuner, sweep_path
 from .train_loop import WorkerJob
 
 
@@ -65,8 +66,14 @@ def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, args, state_fi
     tracking_uri = args.tracking_uri or tracking.default_tracking_uri()
     storage = args.storage_path or str((args.output_dir / cfg.name / "ray").resolve())
     if args.resume:
+        from ray import tune
+
         state = json.loads(state_file.read_text())
-        sweep_name = state["sweep"]
+        sweep_name, storage = state["sweep"], state["storage"]
+        tracking_uri = args.tracking_uri or state["tracking_uri"]  # where the sweep's runs already are
+        if not tune.Tuner.can_restore(sweep_path(storage, sweep_name)):
+            print(f"error: --resume: no restorable Tune state at {sweep_path(storage, sweep_name)}", file=sys.stderr)
+            return 2
         print(f"[study] resuming sweep {sweep_name} (parent run {state['parent_run_id']})", flush=True)
     else:
         sweep_name = time.strftime("sweep-%Y%m%d-%H%M%S")
@@ -83,8 +90,7 @@ def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, args, state_fi
                     cpus_per_worker=cfg.resources.cpus_per_worker, tracking_uri=tracking_uri,
                     baseline=state["baseline"])
     context = SweepContext(job=job, experiment_id=state["experiment_id"], parent_run_id=state["parent_run_id"],
-                           train_storage=str(Path(storage) / sweep_name / "train") if "://" not in storage
-                           else f"{storage}/{sweep_name}/train",
+                           train_storage=f"{sweep_path(storage, sweep_name)}/train",
                            workers_per_trial=cfg.resources.workers_per_trial,
                            gpus_per_worker=cfg.resources.gpus_per_worker)
     # Save Tune's experiment state at every step (it is tiny), so a killed driver loses as little as
@@ -93,8 +99,7 @@ def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, args, state_fi
     ray.init(address=args.address, log_to_driver=True, include_dashboard=False, configure_logging=True,
              logging_level="WARNING")
     try:
-        tuner = make_tuner(cfg, params, context, Path(storage) if "://" not in storage else storage,
-                           sweep_name, resume=args.resume)
+        tuner = make_tuner(cfg, params, context, storage, sweep_name, resume=args.resume)
         results = tuner.fit()
     finally:
         ray.shutdown()
@@ -112,4 +117,18 @@ def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, args, state_fi
     c.set_terminated(state["parent_run_id"])
     print(format_summary(rows, state["baseline"], cfg.name, tracking_uri, state["parent_run_id"],
                          cfg.multi_objective), flush=True)
+    analyse(tracking_uri, cfg.name, state["parent_run_id"], args.output_dir)
     return 0
+
+
+def analyse(tracking_uri: str, experiment: str, parent_run_id: str, output_dir: Path) -> None:
+    """Write the trade-off report; a failure here never undoes a finished sweep."""
+    from analysis.report import run_analysis
+
+    try:
+        report, _ = run_analysis(tracking_uri, experiment, parent_run_id, (output_dir / "analysis").resolve())
+    except Exception as exc:  # the sweep's runs are safe in MLflow; say how to retry
+        print(f"[study] analysis failed ({type(exc).__name__}: {exc}); rerun it with: python -m analysis "
+              f"--experiment {experiment} --parent-run {parent_run_id} --tracking-uri {tracking_uri}", flush=True)
+        return
+    print(f"[study] trade-off report: {report} (also on the parent run under analysis/)", flush=True)

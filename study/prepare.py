@@ -57,4 +57,5 @@ def prepare(cfg: StudyConfig, cache_dir: Path) -> Prepared:
         for key, value in evaluate(lm.model, lm.tokenizer, bench, "cpu").items():
             baseline[f"{name}_{key}"] = value
         baseline[f"{name}_chance"] = 1.0 / len(bench.classnames)
+        baseline[f"{name}_images"] = len(bench.labels)
     return Prepared(pretrained, pairs, baseline, time.time() - t0)

@@ -9,8 +9,7 @@ Results reach Tune through ``TuneReportCallback`` (the Train V2 pattern).
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -98,7 +97,12 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def make_tuner(cfg: StudyConfig, params: dict, context: SweepContext, storage: Path, name: str,
+def sweep_path(storage: str, name: str) -> str:
+    """Where Tune keeps the sweep's state: ``<storage_path>/<name>`` (a local path or a URI)."""
+    return f"{storage.rstrip('/')}/{name}"
+
+
+def make_tuner(cfg: StudyConfig, params: dict, context: SweepContext, storage: str, name: str,
                resume: bool):
     """A new ``Tuner`` for the sweep, or the restored one when ``resume`` is set."""
     import optuna
@@ -109,7 +113,7 @@ def make_tuner(cfg: StudyConfig, params: dict, context: SweepContext, storage: P
     # non-empty bundle, so it reserves a little memory instead.
     trainable = tune.with_resources(tune.with_parameters(trial_driver, context=context.model_dump()),
                                     {"cpu": 0, "memory": 256 * 2**20})
-    path = str(storage / name)
+    path = sweep_path(storage, name)
     if resume:
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False)
@@ -124,11 +128,5 @@ def make_tuner(cfg: StudyConfig, params: dict, context: SweepContext, storage: P
                                   max_concurrent_trials=cfg.search.max_concurrent,
                                   **({} if cfg.multi_objective else {"metric": metrics[0], "mode": modes[0]}))
     return tune.Tuner(trainable, param_space=tune_space(params), tune_config=tune_config,
-                      run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
+                      run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
                                                 failure_config=tune.FailureConfig(max_failures=0)))
-
-
-def can_resume(storage: Path, name: Optional[str]) -> bool:
-    from ray import tune
-
-    return bool(name) and tune.Tuner.can_restore(str(storage / name))

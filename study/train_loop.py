@@ -159,6 +159,7 @@ def train_fn_per_worker(config: dict) -> None:
             for bench in benches:
                 for key, value in evaluate(clip, lm.tokenizer, bench, device).items():
                     metrics[f"{bench.name}_{key}"] = value
+                metrics[f"{bench.name}_images"] = len(bench.labels)
             if "specialized_top1" in job.baseline:
                 metrics["specialized_top1_gain"] = metrics["specialized_top1"] - job.baseline["specialized_top1"]
                 metrics["general_top1_change"] = metrics["general_top1"] - job.baseline["general_top1"]

@@ -25,7 +25,11 @@ def test_smoke_study_records_parent_baseline_and_one_child_per_trial(tmp_path, s
     assert parent.info.run_id in out
     assert parent.data.tags["mlflow.source.git.commit"]
     assert parent.data.tags["version.torch"] and parent.data.tags["version.ray"] == "2.60.0"
-    assert {a.path for a in c.list_artifacts(parent.info.run_id)} >= {"study_config.yaml", "package_versions.json"}
+    assert {a.path for a in c.list_artifacts(parent.info.run_id)} >= {"study_config.yaml", "package_versions.json",
+                                                                       "analysis"}
+    assert "trade-off report" in out
+    report = {a.path for a in c.list_artifacts(parent.info.run_id, "analysis")}
+    assert {"analysis/report.md", "analysis/trials.csv", "analysis/tradeoff_map.png"} <= report
 
     baseline = next(r for r in children if r.data.tags["study.kind"] == "baseline")
     assert 0 <= baseline.data.metrics["specialized_top1"] <= 1

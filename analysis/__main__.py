@@ -1,0 +1,44 @@
+"""``python -m analysis``: the trade-off map and written finding of a study, read from MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m analysis",
+        description="Read a study's runs from MLflow (never re-running or changing them) and write the trial "
+                    "table (CSV), the trade-off map and other plots, and a short Markdown finding. Everything is "
+                    "also attached to the sweep's parent run under analysis/.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--experiment", default="clip-alignment-study", help="MLflow experiment (= study name)")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="MLflow tracking URI (env MLFLOW_TRACKING_URI); default sqlite:///mlflow.db here")
+    p.add_argument("--parent-run", help="the sweep's parent run id (default: the experiment's latest sweep)")
+    p.add_argument("--out", type=Path, default=Path("analysis_out"), help="local folder for the report")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    uri = args.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        print(f"error: --tracking-uri: no MLflow store at {uri}", file=sys.stderr)
+        return 2
+    from .report import run_analysis
+
+    try:
+        report, lines = run_analysis(uri, args.experiment, args.parent_run, args.out.resolve())
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(["Finding:"] + [f"  - {s}" for s in lines] + [f"report: {report}"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

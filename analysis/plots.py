@@ -1,0 +1,136 @@
+"""The trade-off map, drawn from the trial table alone (nothing is re-run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .records import StudyRecords, pareto_mask  # noqa: E402
+
+DPI = 130
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def tradeoff_map(rec: StudyRecords, out: Path) -> Path:
+    """Specialized gain vs general change per trial; Pareto front joined; the baseline at the origin."""
+    df = rec.trials
+    fig, ax = plt.subplots(figsize=(7, 5.2))
+    ax.axhline(0, color="0.6", lw=0.8)
+    ax.axvline(0, color="0.6", lw=0.8)
+    ax.scatter([0], [0], marker="*", s=260, color="black", zorder=5, label="baseline (zero-shot base model)")
+    if len(df):
+        lr = pd.to_numeric(df["learning_rate"], errors="coerce")
+        sc = ax.scatter(df["specialized_gain_pts"], df["general_change_pts"], c=np.log10(lr), cmap="viridis",
+                        s=40 + 12 * pd.to_numeric(df["lora_rank"], errors="coerce").fillna(1), edgecolor="black",
+                        linewidth=0.6, zorder=4, label="trial (size: LoRA rank)")
+        fig.colorbar(sc, ax=ax, label="log10 learning rate")
+        front = df[pareto_mask(df)].sort_values("specialized_gain_pts")
+        ax.plot(front["specialized_gain_pts"], front["general_change_pts"], "--", color="crimson", lw=1.5, zorder=3,
+                label=f"Pareto front ({len(front)} trials)")
+        if "specialized_top1_ci_low_pct" in df and df["specialized_top1_ci_low_pct"].notna().any():
+            b = rec.baseline.get("specialized_top1", np.nan) * 100
+            xerr = np.vstack([df["specialized_top1"] * 100 - df["specialized_top1_ci_low_pct"],
+                              df["specialized_top1_ci_high_pct"] - df["specialized_top1"] * 100])
+            ax.errorbar(df["specialized_top1"] * 100 - b, df["general_change_pts"], xerr=xerr, fmt="none",
+                        ecolor="0.55", lw=0.8, zorder=2)
+    ax.set_xlabel("specialized zero-shot top-1 gain vs baseline (points)")
+    ax.set_ylabel("general zero-shot top-1 change vs baseline (points)")
+    ax.set_title(f"{rec.experiment}: specialized gain vs general cost")
+    ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
+    return _save(fig, out / "tradeoff_map.png")
+
+
+def accuracy_vs_intensity(rec: StudyRecords, out: Path) -> Path:
+    """Each accuracy against ‖ΔW‖, with the baseline as a dashed line."""
+    df = rec.trials
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True)
+    for ax, bench, color in zip(axes, ("specialized", "general"), ("tab:blue", "tab:orange")):
+        ax.scatter(df["weight_change_norm"], df[f"{bench}_top1"] * 100, color=color, edgecolor="black", lw=0.5)
+        base = rec.baseline.get(f"{bench}_top1")
+        if base is not None:
+            ax.axhline(base * 100, ls="--", color="black", lw=1, label=f"baseline {base:.1%}")
+            ax.legend(fontsize=8)
+        ax.set_xlabel("fine-tuning intensity ‖ΔW‖ (Frobenius norm of the weight change)")
+        ax.set_ylabel(f"{bench} zero-shot top-1 (%)")
+        ax.set_title(f"{bench} accuracy vs intensity")
+    return _save(fig, out / "accuracy_vs_intensity.png")
+
+
+def marginals(rec: StudyRecords, out: Path) -> Path:
+    """Gain and cost along learning rate, rank and data fraction (points, plus the mean per level/bin)."""
+    df = rec.trials
+    knobs = [("learning_rate", "learning rate (log scale)"), ("lora_rank", "LoRA rank r"),
+             ("data_fraction", "data fraction (share of fine-tuning pairs)")]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5), sharey="row")
+    for col, (knob, label) in enumerate(knobs):
+        x = pd.to_numeric(df[knob], errors="coerce")
+        for row, (metric, name, color) in enumerate((("specialized_gain_pts", "specialized gain (points)", "tab:blue"),
+                                                     ("general_change_pts", "general change (points)", "tab:orange"))):
+            ax = axes[row, col]
+            ax.scatter(x, df[metric], color=color, edgecolor="black", lw=0.5, s=30)
+            levels = level_means(x, df[metric])
+            if len(levels) > 1:
+                ax.plot(levels.index, levels.values, "-", color="black", lw=1.2, label="mean per level/bin")
+                ax.legend(fontsize=7)
+            ax.axhline(0, color="0.6", lw=0.8)
+            if knob == "learning_rate":
+                ax.set_xscale("log")
+            if knob == "lora_rank" and x.notna().any():
+                ax.set_xticks(sorted(x.dropna().unique()))
+            ax.set_xlabel(label)
+            if col == 0:
+                ax.set_ylabel(name)
+    fig.suptitle("marginal effect of each knob (other knobs vary too: read as trends, not causal effects)", fontsize=10)
+    return _save(fig, out / "marginals.png")
+
+
+def level_means(x: pd.Series, y: pd.Series) -> pd.Series:
+    """Mean of ``y`` per distinct ``x`` (few levels) or per quartile bin of ``x`` (continuous)."""
+    ok = x.notna() & y.notna()
+    x, y = x[ok], y[ok]
+    if x.nunique() <= 4:
+        return y.groupby(x).mean().sort_index()
+    bins = pd.qcut(x, q=min(4, x.nunique()), duplicates="drop")
+    means = y.groupby(bins, observed=True).mean()
+    centres = x.groupby(bins, observed=True).median()
+    return pd.Series(means.values, index=centres.values).sort_index()
+
+
+def importances_plot(importances: dict, out: Path) -> Path | None:
+    if not importances:
+        return None
+    fig, axes = plt.subplots(1, len(importances), figsize=(5 * len(importances), 3.6))
+    axes = np.atleast_1d(axes)
+    for ax, (target, imp) in zip(axes, importances.items()):
+        names = list(imp)[::-1]
+        ax.barh(names, [imp[n] for n in names], color="tab:green")
+        ax.set_xlabel("importance (fANOVA, share of variance)")
+        ax.set_title(f"for {target}")
+    return _save(fig, out / "importances.png")
+
+
+def wiseft_curves(rec: StudyRecords, trial_ids: list[str], out: Path) -> Path | None:
+    curves = {t: rec.wiseft[t] for t in trial_ids if t in rec.wiseft}
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for t, pts in curves.items():
+        a, s, g = zip(*pts)
+        ax.plot(np.array(s) * 100, np.array(g) * 100, "-o", label=f"{t} (α=0→1)")
+    ax.set_xlabel("specialized zero-shot top-1 (%)")
+    ax.set_ylabel("general zero-shot top-1 (%)")
+    ax.set_title("WiSE-FT interpolation of Pareto-optimal trials")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "wiseft_curves.png")
