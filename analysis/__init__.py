@@ -1,1 +1,1 @@
-"""Reading a study back from MLflow: tables, trade-off plots and the written finding (in progress)."""
+"""Reading a study back from MLflow: the trial table, the trade-off plots and the written finding."""

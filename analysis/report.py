@@ -92,11 +92,17 @@ def finding(rec: StudyRecords, imps: dict) -> list[str]:
     if not math.isnan(lo) and b_spec * 100 >= lo:
         lines.append("The best trial's interval includes the baseline accuracy: the gain is not distinguishable "
                      "from evaluation noise.")
+    if not math.isnan(lo) and n > 1:
+        runner_up = df.drop(index=best.name).sort_values("specialized_gain_pts").iloc[-1]
+        if runner_up["specialized_top1_ci_high_pct"] >= lo:
+            lines.append(f"The best trial's interval overlaps that of the runner-up ({runner_up['trial_id']}, "
+                         f"{runner_up['specialized_gain_pts']:+.1f} points): their order is not reliable.")
     if imps:
         for target, imp in imps.items():
             top, share = next(iter(imp.items()))
             lines.append(f"The knob that mattered most for the {target} was {top} "
-                         f"({share:.0%} of the explained variance, fANOVA).")
+                         f"({share:.0%} of the explained variance, fANOVA on {n} trials"
+                         f"{'; a rough ranking with fewer than 20' if n < 20 else ''}).")
     else:
         lines.append(f"Too few finished trials (fewer than {MIN_TRIALS_FOR_IMPORTANCE}) to rank the knobs.")
     for knob in ("data_fraction", "lora_rank"):

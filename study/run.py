@@ -25,13 +25,32 @@ SMOKE_OVERRIDES = [  # the tiniest real study: 2 trials, one short epoch, tiny d
 ]
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show a default only where there is one worth reading."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, []):
+            return action.help
+        return super()._get_help_string(action)
+
+
+EXAMPLES = """examples:
+  python -m study.run                                  # the default offline study
+  python -m study.run --smoke-test                     # 2 tiny trials, about a minute
+  python -m study.run --space search_spaces/pareto.yaml --trials 16 --max-concurrent 2
+  python -m study.run --set lora_rank=8 --set params.learning_rate.high=0.02
+  python -m study.run --resume                         # continue an interrupted sweep
+  mlflow ui --backend-store-uri sqlite:///mlflow.db    # browse the runs
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m study.run",
         description="Fine-tune the image-text alignment module (LoRA adapters, projection heads, temperature) of a "
                     "CLIP model on a domain dataset, searching hyperparameters with Ray Tune + Optuna over Ray Train "
                     "workers, and record every trial in MLflow. With no arguments: the offline default study.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=EXAMPLES, formatter_class=_Help)
     p.add_argument("--space", type=Path, default=SPACES_DIR / "default.yaml",
                    help="search-space YAML (distributions, fixed values, trials, concurrency, resources, objective)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
