@@ -96,16 +96,16 @@ def marginals(rec: StudyRecords, out: Path) -> Path:
     return _save(fig, out / "marginals.png")
 
 
-def level_means(x: pd.Series, y: pd.Series) -> pd.Series:
-    """Mean of ``y`` per distinct ``x`` (few levels) or per quartile bin of ``x`` (continuous)."""
+def level_means(x: pd.Series, y: pd.Series, agg: str = "mean") -> pd.Series:
+    """``agg`` (mean or count) of ``y`` per distinct ``x`` (few levels) or per quartile bin of ``x``."""
     ok = x.notna() & y.notna()
     x, y = x[ok], y[ok]
     if x.nunique() <= 4:
-        return y.groupby(x).mean().sort_index()
+        return y.groupby(x).agg(agg).sort_index()
     bins = pd.qcut(x, q=min(4, x.nunique()), duplicates="drop")
-    means = y.groupby(bins, observed=True).mean()
+    values = y.groupby(bins, observed=True).agg(agg)
     centres = x.groupby(bins, observed=True).median()
-    return pd.Series(means.values, index=centres.values).sort_index()
+    return pd.Series(values.values, index=centres.values).sort_index()
 
 
 def importances_plot(importances: dict, out: Path) -> Path | None:

@@ -43,17 +43,19 @@ def importances(df: pd.DataFrame) -> dict[str, dict[str, float]]:
 
 def saturation(df: pd.DataFrame, knob: str) -> str:
     """Where the mean specialized gain stops rising along ``knob``, in words."""
-    levels = plots.level_means(pd.to_numeric(df[knob], errors="coerce"), df["specialized_gain_pts"])
+    x = pd.to_numeric(df[knob], errors="coerce")
+    levels = plots.level_means(x, df["specialized_gain_pts"])
+    counts = plots.level_means(x, df["specialized_gain_pts"], agg="count")
     if len(levels) < 2 or len(df) < MIN_TRIALS_FOR_TRENDS:
         return f"too few trials to say where gains saturate along {knob}"
     best = levels.max()
     first = next(x for x, v in levels.items() if v >= 0.9 * best) if best > 0 else None
-    listing = ", ".join(f"{x:.3g}: {v:+.1f}" for x, v in levels.items())
+    listing = ", ".join(f"{x:.3g}: {v:+.1f} (n={int(counts[x])})" for x, v in levels.items()) + " points"
     if first is None:
         return f"no level of {knob} gave a positive mean gain ({listing})"
     if first == levels.index.max():
-        return f"mean gain still rises at the largest {knob} tried ({listing} points): no saturation seen"
-    return (f"mean gain reaches 90% of its best by {knob} ≈ {first:.3g} ({listing} points); "
+        return f"mean gain still rises at the largest {knob} tried ({listing}): no saturation seen"
+    return (f"mean gain reaches 90% of its best by {knob} ≈ {first:.3g} ({listing}); "
             f"larger values add little")
 
 
