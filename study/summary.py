@@ -60,10 +60,9 @@ def format_summary(rows: list[TrialOutcome], baseline: dict, experiment: str, tr
             for r in sorted(front, key=lambda r: -r.metrics["specialized_top1"]):
                 lines.append(f"  {r.trial_id}: specialized {(r.metrics['specialized_top1'] - b_spec) * 100:+.1f} pts, "
                              f"general {(r.metrics['general_top1'] - b_gen) * 100:+.1f} pts")
-    ui = (f"mlflow ui --backend-store-uri {tracking_uri}" if tracking_uri.startswith("sqlite:")
-          else f"open {tracking_uri}")
-    lines += [f"MLflow experiment {experiment!r}, parent run {parent_run_id}",
-              f"  to browse: {ui}   (then http://127.0.0.1:5000)", "=" * 72]
+    ui = (f"mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)"
+          if tracking_uri.startswith("sqlite:") else f"open {tracking_uri} in a browser")
+    lines += [f"MLflow experiment {experiment!r}, parent run {parent_run_id}", f"  to browse: {ui}", "=" * 72]
     return "\n".join(lines)
 
 

@@ -29,7 +29,8 @@ def _study(tmp_path, trials, experiment="s", parent_status="FINISHED", with_imag
                                       "study.trial_id": f"t{i:07d}", "study.status": status,
                                       **({"study.failure_reason": "NonFiniteLossError: loss became inf"}
                                          if status == "FAILED" else {})}).info.run_id
-        c.log_batch(run, params=[], metrics=[Metric(f"final/{k}", v, 0, 0) for k, v in metrics.items()])
+        c.log_batch(run, params=[], metrics=[Metric(k if "/" in k else f"final/{k}", v, 0, 0)
+                                             for k, v in metrics.items()])
         for k, v in params.items():
             c.log_param(run, k, str(v))
         c.set_terminated(run, "FINISHED" if status == "FINISHED" else "FAILED")
@@ -95,6 +96,22 @@ def test_single_trial_study_says_so(tmp_path):
     assert "1 finished trial(s)" in text and "still running" in text
     assert "Too few finished trials" in text and "anecdotal" in text
     assert report.exists()
+
+
+def test_wiseft_curves_are_drawn_where_logged(tmp_path):
+    trials = [_trial(1e-3 * (i + 1), 4, 0.25 * (i + 1), 0, 0.25 + 0.05 * i, 0.75 - 0.05 * i) for i in range(4)]
+    for _, _, m in trials:  # a newer evaluator's α curve: alpha 0 is the baseline, 1 the fine-tuned model
+        for a in (0.0, 0.5, 1.0):
+            m[f"wiseft/alpha_{a}/specialized_top1"] = 0.20 + a * (m["specialized_top1"] - 0.20)
+            m[f"wiseft/alpha_{a}/general_top1"] = 0.80 + a * (m["general_top1"] - 0.80)
+    uri, c, parent = _study(tmp_path, trials)
+    rec = load_study(uri, "s")
+    assert len(rec.wiseft) == 4 and [a for a, _, _ in rec.wiseft["t0000000"]] == [0.0, 0.5, 1.0]
+    from analysis.report import run_analysis
+
+    report, _ = run_analysis(uri, "s", parent, tmp_path / "out")
+    assert (report.parent / "wiseft_curves.png").stat().st_size > 0
+    assert "wiseft_curves.png" in report.read_text()
 
 
 def test_older_runs_without_some_metrics(tmp_path):
