@@ -15,7 +15,7 @@ from . import tracking
 from .config import StudyConfig
 from .prepare import Prepared
 from .summary import TrialOutcome, format_summary
-from .sweep import SweepContext, make_tuner, sweep_path
+from .sweep import SweepContext, failure_reason, make_tuner, restorable, run_sweep, sweep_path
 from .train_loop import WorkerJob
 
 
@@ -51,27 +51,19 @@ def collect(results) -> list[TrialOutcome]:
         match = re.search(r"_([0-9a-f]{8})_\d+_", Path(r.path).name)
         trial_id = (r.metrics or {}).get("trial_id") or (match.group(1) if match else Path(r.path).name)
         status = "ERROR" if r.error else ("TERMINATED" if r.metrics and "specialized_top1" in r.metrics else "UNFINISHED")
-        err = ""
-        if r.error:
-            from .sweep import _reason
-
-            err = _reason(r.error)
+        err = failure_reason(r.error) if r.error else ""
         rows.append(TrialOutcome(trial_id, status, dict(r.config or {}), dict(r.metrics or {}), err))
     return rows
 
 
 def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, args, state_file: Path) -> int:
-    import ray
-
     tracking_uri = args.tracking_uri or tracking.default_tracking_uri()
     storage = args.storage_path or str((args.output_dir / cfg.name / "ray").resolve())
     if args.resume:
-        from ray import tune
-
         state = json.loads(state_file.read_text())
         sweep_name, storage = state["sweep"], state["storage"]
         tracking_uri = args.tracking_uri or state["tracking_uri"]  # where the sweep's runs already are
-        if not tune.Tuner.can_restore(sweep_path(storage, sweep_name)):
+        if not restorable(storage, sweep_name):
             print(f"error: --resume: no restorable Tune state at {sweep_path(storage, sweep_name)}", file=sys.stderr)
             return 2
         print(f"[study] resuming sweep {sweep_name} (parent run {state['parent_run_id']})", flush=True)
@@ -96,13 +88,8 @@ def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, args, state_fi
     # Save Tune's experiment state at every step (it is tiny), so a killed driver loses as little as
     # possible: a trial Tune never recorded would be sampled again under a new id on resume.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
-    ray.init(address=args.address, log_to_driver=True, include_dashboard=False, configure_logging=True,
-             logging_level="WARNING")
-    try:
-        tuner = make_tuner(cfg, params, context, storage, sweep_name, resume=args.resume)
-        results = tuner.fit()
-    finally:
-        ray.shutdown()
+    results = run_sweep(lambda: make_tuner(cfg, params, context, storage, sweep_name, resume=args.resume),
+                        args.address)
     rows = collect(results)
     c = tracking.client(tracking_uri)
     orphans = tracking.mark_orphans(c, state["experiment_id"], state["parent_run_id"], {r.trial_id for r in rows})

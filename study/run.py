@@ -8,10 +8,8 @@ Ray Tune + Optuna sweep over Ray Train workers, and prints the answer.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from .config import SPACES_DIR, ConfigError, load_study_config, parse_override

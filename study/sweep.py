@@ -83,12 +83,12 @@ def trial_driver(config: dict, context: dict) -> None:
     try:
         trainer.fit()
     except Exception as exc:
-        end_trial_run(client(tracking_uri), run_id, "FAILED", reason=_reason(exc))
+        end_trial_run(client(tracking_uri), run_id, "FAILED", reason=failure_reason(exc))
         raise
     end_trial_run(client(tracking_uri), run_id, "FINISHED")
 
 
-def _reason(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> str:
     """The innermost worker error, one line, e.g. 'NonFiniteLossError: loss became nan ...'."""
     text = str(exc)
     for line in reversed(text.splitlines()):
@@ -130,3 +130,22 @@ def make_tuner(cfg: StudyConfig, params: dict, context: SweepContext, storage: s
     return tune.Tuner(trainable, param_space=tune_space(params), tune_config=tune_config,
                       run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
                                                 failure_config=tune.FailureConfig(max_failures=0)))
+
+
+def restorable(storage: str, name: str) -> bool:
+    from ray import tune
+
+    return tune.Tuner.can_restore(sweep_path(storage, name))
+
+
+def run_sweep(build_tuner, address: str | None):
+    """Start (or join) Ray, build the tuner (``with_parameters`` needs Ray up), run the sweep, shut Ray
+    down; returns Tune's ``ResultGrid``."""
+    import ray
+
+    ray.init(address=address, log_to_driver=True, include_dashboard=False, configure_logging=True,
+             logging_level="WARNING")
+    try:
+        return build_tuner().fit()
+    finally:
+        ray.shutdown()

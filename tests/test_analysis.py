@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 
 import pandas as pd
-import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
