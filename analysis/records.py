@@ -76,7 +76,7 @@ def load_study(tracking_uri: str, experiment: str, parent_run_id: str | None = N
         row.update({k: _num(r.data.params.get(k)) for k in KNOBS})
         row.update({k: m.get(f"final/{k}", m.get(k, math.nan)) for k in METRICS})
         for key, value in m.items():  # confidence intervals, where a newer evaluator logged them
-            if key.endswith(("_ci_low", "_ci_high")) and not key.startswith("final/"):
+            if key.endswith(("_ci_low", "_ci_high", "_mcnemar_p")) and not key.startswith("final/"):
                 row[key] = value
         rows.append(row)
         alphas = sorted((float(k.split("/")[1].removeprefix("alpha_")), k) for k in m if k.startswith("wiseft/alpha_")
@@ -89,12 +89,15 @@ def load_study(tracking_uri: str, experiment: str, parent_run_id: str | None = N
     df["general_change_pts"] = (df["general_top1"] - b_gen) * 100
     df["lr_x_steps"] = pd.to_numeric(df["learning_rate"], errors="coerce") * df["steps"]
     for bench in ("specialized", "general"):
-        lows, highs = [], []
-        for p, n in zip(df[f"{bench}_top1"], df[f"{bench}_images"]):
-            lo, hi = wilson(p, n)
-            lows.append(lo * 100)
-            highs.append(hi * 100)
-        df[f"{bench}_top1_ci_low_pct"], df[f"{bench}_top1_ci_high_pct"] = lows, highs
+        # The trial's own bootstrap interval where it was logged; else a Wilson interval from the
+        # accuracy and the number of images; else nothing.
+        wilsons = [wilson(p, n) for p, n in zip(df[f"{bench}_top1"], df[f"{bench}_images"])]
+        for side, i in (("low", 0), ("high", 1)):
+            logged = df[f"{bench}_top1_ci_{side}"] if f"{bench}_top1_ci_{side}" in df else pd.Series(math.nan, df.index)
+            df[f"{bench}_top1_ci_{side}_pct"] = logged.fillna(pd.Series([w[i] for w in wilsons], df.index)) * 100
+        df[f"{bench}_ci_kind"] = [("bootstrap" if f"{bench}_top1_ci_low" in df and not math.isnan(b) else
+                                   "Wilson" if not math.isnan(w[0]) else "") for b, w in
+                                  zip(df.get(f"{bench}_top1_ci_low", pd.Series(math.nan, df.index)), wilsons)]
     done = df["status"].eq("FINISHED") & df["specialized_top1"].notna() & df["general_top1"].notna()
     return StudyRecords(experiment, pid, parent.info.status, baseline, df[done].reset_index(drop=True),
                         df[~done].reset_index(drop=True), wiseft)

@@ -73,8 +73,18 @@ def finding(rec: StudyRecords, imps: dict) -> list[str]:
     b_spec, b_gen = rec.baseline.get("specialized_top1", math.nan), rec.baseline.get("general_top1", math.nan)
     best = df.loc[df["specialized_gain_pts"].idxmax()]
     lo, hi = best["specialized_top1_ci_low_pct"], best["specialized_top1_ci_high_pct"]
-    ci = (f" (95% CI of its accuracy {lo:.1f}–{hi:.1f}%, Wilson interval on "
-          f"{int(best['specialized_images'])} images)" if not math.isnan(lo) else " (no confidence interval logged)")
+    if math.isnan(lo):
+        ci = " (no confidence interval logged)"
+    elif best["specialized_ci_kind"] == "bootstrap":
+        ci = f" (95% bootstrap CI of its accuracy {lo:.1f}–{hi:.1f}%"
+        if not math.isnan(best.get("specialized_top1_gain_ci_low", math.nan)):
+            ci += (f"; of the gain {best['specialized_top1_gain_ci_low'] * 100:+.1f} to "
+                   f"{best['specialized_top1_gain_ci_high'] * 100:+.1f} points, paired; McNemar p = "
+                   f"{best['specialized_mcnemar_p']:.2g}")
+        ci += ")"
+    else:
+        ci = (f" (95% CI of its accuracy {lo:.1f}–{hi:.1f}%, Wilson interval on "
+              f"{int(best['specialized_images'])} images)")
     lines.append(f"The best specialized zero-shot top-1 was {best['specialized_top1']:.1%}, "
                  f"{best['specialized_gain_pts']:+.1f} points over the zero-shot baseline of {b_spec:.1%}{ci}, "
                  f"in trial {best['trial_id']} (learning rate {float(best['learning_rate']):.2g}, rank "

@@ -40,6 +40,8 @@ def start_sweep_runs(cfg: StudyConfig, prepared: Prepared, tracking_uri: str, sw
 
     now = int(time.time() * 1000)
     c.log_batch(baseline, metrics=[Metric(k, v, now, 0) for k, v in prepared.baseline.items()])
+    for bench, (matrix, classnames) in prepared.baseline_confusions.items():
+        tracking.log_confusion(c, baseline, bench, matrix, classnames)
     c.set_terminated(baseline)
     return {"experiment_id": exp_id, "parent_run_id": parent, "baseline_run_id": baseline}
 
@@ -80,7 +82,7 @@ def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, args, state_fi
     job = WorkerJob(settings={}, data=cfg.data, model_name=cfg.model.name, model_pretrained=prepared.model_pretrained,
                     precision=cfg.model.precision, cache_dir=str(args.cache_dir.resolve()),
                     cpus_per_worker=cfg.resources.cpus_per_worker, tracking_uri=tracking_uri,
-                    baseline=state["baseline"])
+                    baseline=state["baseline"], baseline_predictions=prepared.baseline_predictions)
     context = SweepContext(job=job, experiment_id=state["experiment_id"], parent_run_id=state["parent_run_id"],
                            train_storage=f"{sweep_path(storage, sweep_name)}/train",
                            workers_per_trial=cfg.resources.workers_per_trial,

@@ -16,14 +16,16 @@ import torch
 from .config import StudyConfig
 from .domain import benchmark, load_benchmark_split, load_finetune_split
 from .models import OFFLINE_MODEL, check_model, load_base_model
-from .zeroshot import evaluate
+from .zeroshot import detailed_metrics, zero_shot_logits
 
 
 @dataclass
 class Prepared:
     model_pretrained: Optional[str]  # resolved: tag, hf id, or the cached offline checkpoint path
     finetune_pairs: int
-    baseline: dict[str, float]  # specialized_/general_ top1 and balanced_accuracy
+    baseline: dict[str, float]  # specialized_/general_ top1, balanced_accuracy, their CIs, ...
+    baseline_predictions: dict[str, list[int]]  # per benchmark: the base model's predicted class per image
+    baseline_confusions: dict  # per benchmark: (confusion matrix, class names)
     seconds: float
 
 
@@ -51,11 +53,14 @@ def prepare(cfg: StudyConfig, cache_dir: Path) -> Prepared:
     pretrained = resolve_pretrained(cfg, cache_dir)
     torch.manual_seed(0)
     lm = load_base_model(cfg.model.name, pretrained)
-    baseline = {}
+    baseline, predictions, confusions = {}, {}, {}
     for name in ("specialized", "general"):
         bench = benchmark(getattr(cfg.data, name), cfg.data, cache_dir, lm.preprocess, name)
-        for key, value in evaluate(lm.model, lm.tokenizer, bench, "cpu").items():
-            baseline[f"{name}_{key}"] = value
+        logits = zero_shot_logits(lm.model, lm.tokenizer, bench, "cpu")
+        values, matrix = detailed_metrics(logits, bench.labels)
+        baseline.update({f"{name}_{key}": value for key, value in values.items()})
         baseline[f"{name}_chance"] = 1.0 / len(bench.classnames)
         baseline[f"{name}_images"] = len(bench.labels)
-    return Prepared(pretrained, pairs, baseline, time.time() - t0)
+        predictions[name] = logits.argmax(1).tolist()
+        confusions[name] = (matrix, bench.classnames)
+    return Prepared(pretrained, pairs, baseline, predictions, confusions, time.time() - t0)

@@ -52,6 +52,10 @@ def format_summary(rows: list[TrialOutcome], baseline: dict, experiment: str, tr
         lines += [
             f"best specialized trial {best.trial_id}: specialized {m['specialized_top1']:.1%} "
             f"({d_spec:+.1f} points vs baseline), general {m['general_top1']:.1%} ({d_gen:+.1f} points)",
+            *[f"  {bench} gain 95% CI [{m[f'{bench}_top1_gain_ci_low'] * 100:+.1f}, "
+              f"{m[f'{bench}_top1_gain_ci_high'] * 100:+.1f}] points (paired bootstrap), "
+              f"McNemar p = {m[f'{bench}_mcnemar_p']:.2g}"
+              for bench in ("specialized", "general") if f"{bench}_top1_gain_ci_low" in m],
             "  knobs: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(c.items())),
         ]
         if multi_objective:

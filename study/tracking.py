@@ -145,6 +145,16 @@ def end_trial_run(c, run_id: str, status: str, reason: str | None = None) -> Non
     c.set_terminated(run_id, status={"FINISHED": "FINISHED", "ORPHANED": "KILLED"}.get(status, "FAILED"))
 
 
+def log_confusion(c, run_id: str, bench: str, matrix, classnames: list[str]) -> None:
+    """The confusion matrix (rows: true class, columns: predicted) as ``eval/<bench>_confusion.csv``."""
+    header = "true\\predicted," + ",".join(classnames)
+    rows = [f"{name}," + ",".join(str(int(v)) for v in row) for name, row in zip(classnames, matrix)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{bench}_confusion.csv"
+        path.write_text("\n".join([header, *rows]) + "\n")
+        c.log_artifact(run_id, str(path), "eval")
+
+
 class TrialLogger:
     """Rank 0's view of its trial's run: per-epoch metrics, final metrics, adapter weights."""
 
@@ -163,6 +173,9 @@ class TrialLogger:
         now = int(time.time() * 1000)
         self.c.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
         self.logged_steps.add(step)
+
+    def log_confusion(self, bench: str, matrix, classnames: list[str]) -> None:
+        log_confusion(self.c, self.run_id, bench, matrix, classnames)
 
     def log_final(self, model, metrics: dict) -> None:
         from mlflow.entities import Metric

@@ -41,6 +41,7 @@ class WorkerJob(BaseModel):
     tracking_uri: Optional[str] = None
     run_id: Optional[str] = None
     baseline: dict[str, float] = {}
+    baseline_predictions: dict[str, list[int]] = {}  # per benchmark, for the paired test
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -75,7 +76,7 @@ def train_fn_per_worker(config: dict) -> None:
     from .domain import benchmark, finetune_tensors
     from .models import load_base_model
     from .tracking import TrialLogger
-    from .zeroshot import evaluate
+    from .zeroshot import accuracy_metrics, detailed_metrics, zero_shot_logits
 
     job = WorkerJob.model_validate(config)
     s = job.settings
@@ -155,10 +156,17 @@ def train_fn_per_worker(config: dict) -> None:
             total = summed.item() / world
         metrics = {"epoch": epoch + 1, "train_loss": total / steps_per_epoch, "train_pairs": len(images),
                    "steps": (epoch + 1) * steps_per_epoch}
+        confusions = {}
         if rank == 0:
+            final = epoch + 1 == s.epochs
             for bench in benches:
-                for key, value in evaluate(clip, lm.tokenizer, bench, device).items():
-                    metrics[f"{bench.name}_{key}"] = value
+                logits = zero_shot_logits(clip, lm.tokenizer, bench, device)
+                if final:  # intervals, per-class recall and the paired test vs the baseline, once
+                    values, confusions[bench.name] = detailed_metrics(
+                        logits, bench.labels, job.baseline_predictions.get(bench.name), seed=s.seed)
+                else:
+                    values = accuracy_metrics(logits, bench.labels)
+                metrics.update({f"{bench.name}_{key}": value for key, value in values.items()})
                 metrics[f"{bench.name}_images"] = len(bench.labels)
             if "specialized_top1" in job.baseline:
                 metrics["specialized_top1_gain"] = metrics["specialized_top1"] - job.baseline["specialized_top1"]
@@ -167,6 +175,8 @@ def train_fn_per_worker(config: dict) -> None:
             metrics["epoch_seconds"] = time.time() - t0
             if logger:
                 logger.log_epoch(metrics, step=epoch + 1)
+                for name, matrix in confusions.items():
+                    logger.log_confusion(name, matrix, next(b.classnames for b in benches if b.name == name))
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:

@@ -108,3 +108,24 @@ def test_tether_is_squared_distance_of_normalized_embeddings():
     b = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
     assert tether_loss(a, a) == 0
     torch.testing.assert_close(tether_loss(a, b), (2 - 2 * (a * b).sum(-1)).mean())
+
+
+def test_detailed_metrics_intervals_and_paired_test():
+    from study.zeroshot import detailed_metrics
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (400,), generator=gen)
+    logits = torch.randn(400, 5, generator=gen)
+    logits[torch.arange(400), labels] += 1.5
+    pred = logits.argmax(1)
+    m, confusion = detailed_metrics(logits, labels, baseline_pred=pred.tolist())
+    assert m["top1_ci_low"] <= m["top1"] <= m["top1_ci_high"] and m["top1_ci_high"] - m["top1_ci_low"] < 0.15
+    assert m["top1_gain"] == 0 and m["mcnemar_p"] == 1.0
+    assert m["top1_gain_ci_low"] == m["top1_gain_ci_high"] == 0  # identical predictions: no paired spread
+    assert confusion.sum() == 400 and confusion.trace() == int((pred == labels).sum())
+    assert m["top5"] == 1.0 and len([k for k in m if k.startswith("recall/")]) == 5
+    worse = labels.clone()  # a baseline right on every image: the trial's errors are all discordant
+    m2, _ = detailed_metrics(logits, labels, baseline_pred=worse.tolist())
+    assert m2["top1_gain"] < 0 and m2["top1_gain_ci_high"] < 0 and m2["mcnemar_p"] < 1e-6
+    m3, _ = detailed_metrics(logits[:, :4], labels.clamp(max=3))
+    assert "top5" not in m3

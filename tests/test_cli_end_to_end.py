@@ -33,6 +33,9 @@ def test_smoke_study_records_parent_baseline_and_one_child_per_trial(tmp_path, s
 
     baseline = next(r for r in children if r.data.tags["study.kind"] == "baseline")
     assert 0 <= baseline.data.metrics["specialized_top1"] <= 1
+    assert baseline.data.metrics["specialized_top1_ci_low"] <= baseline.data.metrics["specialized_top1"]
+    assert "eval/general_confusion.csv" in {a.path for a in c.list_artifacts(baseline.info.run_id, "eval")}
+    assert "McNemar p" in out
     assert baseline.data.metrics["general_top1"] >= 0
 
     trials = [r for r in children if r.data.tags["study.kind"] == "trial"]
@@ -41,9 +44,14 @@ def test_smoke_study_records_parent_baseline_and_one_child_per_trial(tmp_path, s
         assert run.info.status == "FINISHED" and run.data.tags["study.status"] == "FINISHED"
         assert TRIAL_PARAMS <= set(run.data.params), set(run.data.params)
         assert run.data.params["epochs"] == "2"
+        m = run.data.metrics
         for key in ("specialized_top1", "general_top1", "specialized_balanced_accuracy", "train_loss",
-                    "weight_change_norm", "final/specialized_top1", "final/general_top1_change"):
-            assert key in run.data.metrics, key
+                    "weight_change_norm", "final/specialized_top1", "final/general_top1_change",
+                    "specialized_top1_gain_ci_low", "general_mcnemar_p", "specialized_recall/0"):
+            assert key in m, key
+        assert m["specialized_top1_ci_low"] <= m["specialized_top1"] <= m["specialized_top1_ci_high"]
+        assert 0 <= m["specialized_mcnemar_p"] <= 1
+        assert "eval/specialized_confusion.csv" in {a.path for a in c.list_artifacts(run.info.run_id, "eval")}
         gain = run.data.metrics["specialized_top1"] - baseline.data.metrics["specialized_top1"]
         assert abs(run.data.metrics["specialized_top1_gain"] - gain) < 1e-6
         history = c.get_metric_history(run.info.run_id, "specialized_top1")
