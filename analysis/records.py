@@ -75,15 +75,17 @@ def load_study(tracking_uri: str, experiment: str, parent_run_id: str | None = N
                "failure_reason": r.data.tags.get("study.failure_reason", "")}
         row.update({k: _num(r.data.params.get(k)) for k in KNOBS})
         row.update({k: m.get(f"final/{k}", m.get(k, math.nan)) for k in METRICS})
-        for key, value in m.items():  # confidence intervals, where a newer evaluator logged them
-            if key.endswith(("_ci_low", "_ci_high", "_mcnemar_p")) and not key.startswith("final/"):
-                row[key] = value
+        for key, value in m.items():  # confidence intervals and paired tests, where the evaluator logged them
+            if key.endswith(("_ci_low", "_ci_high", "_mcnemar_p")):
+                row[key.removeprefix("final/")] = value
         rows.append(row)
         alphas = sorted((float(k.split("/")[1].removeprefix("alpha_")), k) for k in m if k.startswith("wiseft/alpha_")
                         and k.endswith("/specialized_top1"))
         if alphas:
             wiseft[row["trial_id"]] = [(a, m[k], m.get(k.replace("specialized", "general"), math.nan)) for a, k in alphas]
-    df = pd.DataFrame(rows, columns=["trial_id", "run_id", "status", "failure_reason", *KNOBS, *METRICS])
+    fixed = ["trial_id", "run_id", "status", "failure_reason", *KNOBS, *METRICS]
+    df = pd.DataFrame(rows)
+    df = df.reindex(columns=fixed + [c for c in df.columns if c not in fixed])  # intervals, where logged
     b_spec, b_gen = baseline.get("specialized_top1", math.nan), baseline.get("general_top1", math.nan)
     df["specialized_gain_pts"] = (df["specialized_top1"] - b_spec) * 100
     df["general_change_pts"] = (df["general_top1"] - b_gen) * 100

@@ -130,3 +130,17 @@ def test_unknown_experiment_is_a_clear_error(tmp_path, capsys):
     uri, _, _ = _study(tmp_path, [])
     assert analysis_main(["--experiment", "nope", "--tracking-uri", uri]) == 2
     assert "no MLflow experiment named 'nope'" in capsys.readouterr().err
+
+
+def test_logged_bootstrap_intervals_are_preferred(tmp_path):
+    trials = [_trial(1e-3 * (i + 1), 4, 0.25 * (i + 1), 0, 0.25 + 0.05 * i, 0.75 - 0.01 * i) for i in range(4)]
+    for _, _, m in trials:
+        m.update(specialized_top1_ci_low=m["specialized_top1"] - 0.031, specialized_top1_ci_high=m["specialized_top1"] + 0.029,
+                 specialized_top1_gain_ci_low=0.123, specialized_top1_gain_ci_high=0.234, specialized_mcnemar_p=0.0042)
+    uri, c, parent = _study(tmp_path, trials)
+    from analysis.report import run_analysis
+
+    _, lines = run_analysis(uri, "s", parent, tmp_path / "out")
+    text = " ".join(lines)
+    assert "95% bootstrap CI of its accuracy 36.9–42.9%" in text, text  # best: 0.40 -3.1/+2.9 points
+    assert "of the gain +12.3 to +23.4 points, paired; McNemar p = 0.0042" in text
