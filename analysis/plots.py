@@ -26,7 +26,7 @@ def _save(fig, path: Path) -> Path:
 def tradeoff_map(rec: StudyRecords, out: Path) -> Path:
     """Specialized gain vs general change per trial; Pareto front joined; the baseline at the origin."""
     df = rec.trials
-    fig, ax = plt.subplots(figsize=(7, 5.2))
+    fig, ax = plt.subplots(figsize=(7.5, 6))
     ax.axhline(0, color="0.6", lw=0.8)
     ax.axvline(0, color="0.6", lw=0.8)
     ax.scatter([0], [0], marker="*", s=260, color="black", zorder=5, label="baseline (zero-shot base model)")
@@ -44,11 +44,12 @@ def tradeoff_map(rec: StudyRecords, out: Path) -> Path:
             xerr = np.vstack([df["specialized_top1"] * 100 - df["specialized_top1_ci_low_pct"],
                               df["specialized_top1_ci_high_pct"] - df["specialized_top1"] * 100])
             ax.errorbar(df["specialized_top1"] * 100 - b, df["general_change_pts"], xerr=xerr, fmt="none",
-                        ecolor="0.55", lw=0.8, zorder=2)
+                        ecolor="0.55", lw=0.8, zorder=2, label="95% CI of the specialized accuracy")
     ax.set_xlabel("specialized zero-shot top-1 gain vs baseline (points)")
     ax.set_ylabel("general zero-shot top-1 change vs baseline (points)")
     ax.set_title(f"{rec.experiment}: specialized gain vs general cost")
-    ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
+    # Below the axes, so that it never hides a trial.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8, frameon=False)
     return _save(fig, out / "tradeoff_map.png")
 
 
