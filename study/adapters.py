@@ -49,9 +49,8 @@ def apply_alignment_module(model: torch.nn.Module, s: TrialSettings) -> torch.nn
         model = get_peft_model(model, cfg)
     base = unwrap(model)
     for name in PROJECTIONS:
-        param = base.get_parameter(name) if _has(base, name) else None
-        if param is not None:
-            param.requires_grad_(s.train_projections)
+        if _has(base, name):
+            base.get_parameter(name).requires_grad_(s.train_projections)
     base.logit_scale.requires_grad_(s.train_logit_scale)
     return model
 
@@ -61,6 +60,11 @@ def _has(module, name) -> bool:
         return isinstance(module.get_parameter(name), torch.nn.Parameter)
     except AttributeError:
         return False
+
+
+def _undistributed(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under a DDP wrapper (peft's wrapper kept: its parameter names are the checkpoint's)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -76,12 +80,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Detached copies of every trainable tensor, keyed by name under the peft wrapper."""
-    m = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    m = _undistributed(model)
     return {n: p.detach().cpu().clone() for n, p in m.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    m = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    m = _undistributed(model)
     params = dict(m.named_parameters())
     with torch.no_grad():
         for n, t in state.items():
@@ -96,7 +100,7 @@ def weight_change_norm(model: torch.nn.Module, initial: dict[str, torch.Tensor])
     """
     from peft.tuners.lora import LoraLayer
 
-    m = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    m = _undistributed(model)
     total = 0.0
     with torch.no_grad():
         for module in m.modules():
@@ -113,7 +117,7 @@ def save_adapter(model: torch.nn.Module, out_dir: Path) -> Path:
     """Write the peft adapter (if any) and the other trainable tensors as safetensors under ``out_dir``."""
     from safetensors.torch import save_file
 
-    m = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    m = _undistributed(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     if hasattr(m, "save_pretrained"):
         m.save_pretrained(str(out_dir))

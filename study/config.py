@@ -60,7 +60,10 @@ class TrialSettings(_Strict):
     warmup_steps: int = Field(10, ge=0)
     seed: int = Field(0, ge=0)
 
-    _split = field_validator("lora_targets", "lora_towers", mode="before")(classmethod(lambda cls, v: _parts(v)))
+    @field_validator("lora_targets", "lora_towers", mode="before")
+    @classmethod
+    def _split_parts(cls, v):
+        return _parts(v)
 
     @model_validator(mode="after")
     def _something_trains(self):

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from .data import Benchmark, fingerprint, images_to_tensor, load_source
+from .config import DataSection
+from .data import fingerprint, images_to_tensor, load_source
+from .domain import benchmark
 from .models import OFFLINE_MODEL, load_base_model, model_config
+from .train_loop import lr_lambda
 from .zeroshot import evaluate
-
-GENERAL_SOURCE = "offline:shapes"
-GENERAL_TEMPLATES = ["a {c}.", "a picture of a {c}.", "an image of a {c}.", "a photo of a {c}.", "a drawing of a {c}."]
 
 
 @dataclass(frozen=True)
@@ -56,18 +56,17 @@ def pretrain(out_path: Path, cache_dir: Path, s: PretrainSettings) -> dict:
     t0 = time.time()
     lm = load_base_model(OFFLINE_MODEL, None)
     model, tok = lm.model, lm.tokenizer
-    train = load_source(GENERAL_SOURCE, "train", cache_dir=cache_dir, seed=s.seed, scale=s.data_scale)
-    test = load_source(GENERAL_SOURCE, "test", cache_dir=cache_dir, seed=s.seed, scale=s.data_scale)
+    # The general domain and its benchmark exactly as the default study configures them.
+    data = DataSection(seed=s.seed, offline_scale=s.data_scale)
+    train = load_source(data.general.source, "train", cache_dir=cache_dir, seed=s.seed, scale=s.data_scale)
     images = images_to_tensor(train, "image", lm.preprocess)
     texts = tok(train["caption"])
-    bench = Benchmark("general", images_to_tensor(test, "image", lm.preprocess), torch.tensor(test["label"]),
-                      test.features["label"].names, GENERAL_TEMPLATES)
+    bench = benchmark(data.general, data, cache_dir, lm.preprocess, "general")
     print(f"[pretrain] {OFFLINE_MODEL}: {len(images)} pairs, {s.steps} steps of {s.batch_size} "
           f"(one-time, cached at {out_path})", flush=True)
 
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / s.warmup) * 0.5 * (1 + math.cos(math.pi * min(k, s.steps) / s.steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s.warmup, s.steps))
     loss_fn = ClipLoss()
     gen = torch.Generator().manual_seed(s.seed)
     model.train()

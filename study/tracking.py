@@ -13,6 +13,7 @@ import json
 import platform
 import subprocess
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -166,7 +167,6 @@ class TrialLogger:
 
     def log_epoch(self, metrics: dict, step: int) -> None:
         from mlflow.entities import Metric
-        import time
 
         if step in self.logged_steps:
             return
@@ -179,7 +179,6 @@ class TrialLogger:
 
     def log_final(self, model, metrics: dict) -> None:
         from mlflow.entities import Metric
-        import time
 
         from .adapters import save_adapter
 

@@ -97,4 +97,4 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, smoke_cache, sig
     values = sorted(t.value for t in searcher._ot_study.trials if t.value is not None)
     assert len(searcher._ot_study.trials) == 2
     expected = sorted(r.data.metrics["specialized_top1"] for r in trials)
-    assert values == [round(v, 6) for v in expected] or all(abs(a - b) < 1e-6 for a, b in zip(values, expected))
+    assert values == pytest.approx(expected, abs=1e-6)
