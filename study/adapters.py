@@ -92,6 +92,34 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
             params[n].copy_(t)
 
 
+def interpolate(model: torch.nn.Module, initial: dict[str, torch.Tensor], trained: dict[str, torch.Tensor],
+                alpha: float) -> None:
+    """WiSE-FT: scale the trained change by ``alpha`` in place.
+
+    LoRA deltas are scaled through peft's ``set_scale`` (``alpha * lora_alpha / r``), since the delta
+    ``B @ A`` is bilinear in the adapter weights; projections and temperature become
+    ``initial + alpha * (trained - initial)``. ``alpha = 0`` gives the base model exactly (the delta is
+    multiplied by zero), ``alpha = 1`` the fine-tuned one.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    m = _undistributed(model)
+    for module in m.modules():
+        if isinstance(module, LoraLayer):
+            for adapter in list(module.scaling):
+                module.set_scale(adapter, alpha)
+    params = dict(m.named_parameters())
+    with torch.no_grad():
+        for n, t in trained.items():
+            params[n].copy_(t if "lora_" in n else initial[n] + alpha * (t - initial[n]))
+
+
+def tower_is_frozen(s: TrialSettings, tower: str) -> bool:
+    """True when a trial leaves ``tower`` (``image``/``text``) exactly as the base model has it."""
+    lora = s.lora_blocks > 0 and bool(s.lora_targets) and tower in s.lora_towers
+    return not lora and not s.train_projections
+
+
 def weight_change_norm(model: torch.nn.Module, initial: dict[str, torch.Tensor]) -> float:
     """‖ΔW‖: Frobenius norm of the change to the effective weights of the trainable part.
 

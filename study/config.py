@@ -113,7 +113,10 @@ Distribution = Annotated[Union[Uniform, LogUniform, QUniform, IntRange, Categori
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "int", "logint", "categorical")
 
 METRICS = ("specialized_top1", "specialized_balanced_accuracy", "general_top1", "general_balanced_accuracy",
-           "specialized_top1_gain", "general_top1_change")
+           "specialized_top1_gain", "general_top1_change",
+           # at the trial's best WiSE-FT alpha (evaluation.wiseft_select picks it)
+           "wiseft_best_specialized_top1", "wiseft_best_general_top1", "wiseft_best_specialized_top1_gain",
+           "wiseft_best_general_top1_change", "wiseft_best_mean_top1")
 
 
 class Objective(_Strict):
@@ -144,36 +147,45 @@ class FinetuneData(_Strict):
     image_column: str = "image"
     caption_column: str = "caption"
     csv_separator: str = ","
+    max_undecodable_share: float = Field(0.01, ge=0, le=1)  # skip and count broken images up to this share
 
 
-class BenchmarkData(_Strict):
-    source: str
-    split: str = "test"
-    image_column: str = "image"
-    label_column: str = "label"
-    classnames: Optional[list[str]] = None  # default: the label column's ClassLabel names
-    templates: list[str] = Field(min_length=1)
-    max_images: Optional[int] = Field(None, ge=1)
-
-    @field_validator("templates")
-    @classmethod
-    def _has_slot(cls, v):
-        for t in v:
-            if "{c}" not in t:
-                raise ValueError(f"template {t!r} has no '{{c}}' slot for the class name")
-        return v
+ROLES = ("specialized", "general")
+BenchmarkRef = Union[str, dict]  # a shipped spec name, a spec file path, or an inline spec
 
 
 class DataSection(_Strict):
+    """Fine-tuning pairs and the benchmarks, named by spec (``study/benchmark_specs/<name>.yaml``).
+
+    In each role the first classification benchmark is the headline one: its metrics are
+    ``specialized_top1``, ``general_top1``...; the others are logged as ``<role>/<name>/<metric>``.
+    """
+
     finetune: FinetuneData = FinetuneData()
-    specialized: BenchmarkData = BenchmarkData(
-        source="offline:micrographs",
-        templates=["a micrograph of {c}.", "{c} under the microscope.", "a stained smear showing {c}."])
-    general: BenchmarkData = BenchmarkData(
-        source="offline:shapes",
-        templates=["a {c}.", "a picture of a {c}.", "an image of a {c}.", "a photo of a {c}.", "a drawing of a {c}."])
+    specialized: list[BenchmarkRef] = Field(["micrographs"], min_length=1)
+    general: list[BenchmarkRef] = Field(["shapes"], min_length=1)
     seed: int = Field(0, ge=0)  # seeds the offline domains and the fraction subsets
     offline_scale: float = Field(1.0, gt=0, le=1)  # shrink generated domains (smoke runs)
+
+    @field_validator("specialized", "general", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, (str, dict)) else v
+
+    def specs(self, role: str, file: str = "study config"):
+        """The role's benchmarks as validated :class:`~study.benchmarks.BenchmarkSpec`, headline first."""
+        from .benchmarks import resolve
+
+        specs = [resolve(ref, f"{file}: data.{role}.{i}", f"{role}{i}" if i else role)
+                 for i, ref in enumerate(getattr(self, role))]
+        primary = next((s for s in specs if s.task == "classification"), None)
+        if primary is None:
+            raise ConfigError(f"{file}: data.{role}: needs a classification benchmark (its top-1 is the "
+                              f"headline {role} metric)")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{file}: data.{role}: benchmark names repeat: {names}")
+        return [primary] + [s for s in specs if s is not primary]
 
 
 class SearchSection(_Strict):
@@ -181,6 +193,15 @@ class SearchSection(_Strict):
     max_concurrent: int = Field(2, ge=1)
     seed: int = Field(0, ge=0)
     objective: list[Objective] = Field([Objective(metric="specialized_top1")], min_length=1, max_length=4)
+
+
+class EvaluationSection(_Strict):
+    """What every trial evaluates after its last epoch, besides the fine-tuned model itself."""
+
+    # WiSE-FT: the model with its trained change scaled by alpha (0 = base model, 1 = fine-tuned).
+    wiseft_alphas: list[Annotated[float, Field(ge=0, le=1)]] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    # the alpha a trial reports as wiseft_best_*: the one that maximises this
+    wiseft_select: Literal["specialized_top1", "general_top1", "mean_top1"] = "mean_top1"
 
 
 class ResourcesSection(_Strict):
@@ -195,6 +216,7 @@ class StudyConfig(_Strict):
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     search: SearchSection = SearchSection()
+    evaluation: EvaluationSection = EvaluationSection()
     resources: ResourcesSection = ResourcesSection()
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -290,6 +312,13 @@ def load_study_config(path: Path | str | None = None, overrides: list[tuple[str,
     except ValidationError as err:
         raise ConfigError(_fmt(err, file)) from None
     params = _validate_params(cfg.params, file)
+    from .benchmarks import SpecError
+
+    for role in ROLES:  # resolve spec names and files once, here, so workers never need the files
+        try:
+            setattr(cfg.data, role, [spec.model_dump() for spec in cfg.data.specs(role, file)])
+        except SpecError as exc:
+            raise ConfigError(str(exc)) from None
     if not any(isinstance(v, BaseModel) for v in params.values()):
         raise ConfigError(f"{file}: params: nothing to search; give at least one parameter a distribution")
     return cfg, params

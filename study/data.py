@@ -30,6 +30,10 @@ class DataError(ValueError):
     """A dataset that cannot be used as configured; the message names the field at fault."""
 
 
+class EmptySplitError(DataError):
+    """The split exists but holds no rows."""
+
+
 def _datasets():
     """``datasets``, with its per-split progress bars off: the study prints its own progress."""
     import datasets
@@ -44,12 +48,24 @@ def offline_dir(cache_dir: Path, domain: str, seed: int, scale: float) -> Path:
 
 
 def load_source(source: str, split: str, *, cache_dir: Path, seed: int = 0, scale: float = 1.0,
-                csv_separator: str = ",", where: str = "source"):
+                csv_separator: str = ",", config: str | None = None, revision: str | None = None,
+                data_files=None, where: str = "source"):
     """Return split ``split`` of ``source`` as a ``datasets.Dataset``.
 
-    ``where`` names the config field that holds ``source``, for error messages.
+    ``config``/``revision`` select a Hugging Face dataset config and revision; with ``data_files``,
+    ``source`` names the builder (``parquet``, ``csv``, ``imagefolder``...). ``where`` names the
+    config field that holds ``source``, for error messages.
     """
     datasets = _datasets()
+    if data_files is not None:
+        try:
+            return _pick_split(datasets.load_dataset(source, name=config, data_files=data_files, revision=revision),
+                               split, where)
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"{where}: cannot load {source!r} data_files {data_files!r}: "
+                            f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
 
     if source.startswith(OFFLINE_PREFIX):
         from .synthetic import DOMAINS, build_domain
@@ -72,8 +88,8 @@ def load_source(source: str, split: str, *, cache_dir: Path, seed: int = 0, scal
     try:
         if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
             return _pick_split(datasets.load_from_disk(str(path)), split, where)
-        if path.is_dir():
-            return _pick_split(datasets.load_dataset("imagefolder", data_dir=str(path)), split, where)
+        if path.is_dir():  # an image folder, or a local copy of a Hub dataset repo: the same call as the Hub
+            return _pick_split(datasets.load_dataset(str(path), name=config), split, where)
         if path.suffix in {".csv", ".tsv"}:
             return _load_csv(path, "\t" if path.suffix == ".tsv" else csv_separator)
         if path.suffix in {".parquet", ".arrow"}:
@@ -82,10 +98,12 @@ def load_source(source: str, split: str, *, cache_dir: Path, seed: int = 0, scal
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types; the user needs the file named
+        if "corresponds to no data" in str(exc):  # datasets' words for a split with no rows
+            raise EmptySplitError(f"{where}: split {split!r} is empty") from exc
         raise DataError(f"{where}: cannot read {source!r}: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
     # A Hub dataset id. Remote code is never trusted (datasets>=3 dropped it anyway).
     try:
-        return datasets.load_dataset(source, split=split)
+        return datasets.load_dataset(source, name=config, split=split, revision=revision)
     except Exception as exc:
         raise DataError(f"{where}: cannot load Hugging Face dataset {source!r} split {split!r}: "
                         f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
@@ -138,11 +156,12 @@ def nested_subset(n: int, fraction: float, seed: int) -> np.ndarray:
     return np.sort(order[: max(1, math.ceil(fraction * n))])
 
 
-def images_to_tensor(ds, column: str, preprocess, where: str = "dataset") -> torch.Tensor:
-    """Decode and preprocess every image of ``ds[column]``: returns ``[N, 3, H, W]``.
+def images_to_tensor(ds, column: str, preprocess, where: str = "dataset",
+                     max_bad_share: float = 0.0) -> tuple[torch.Tensor, list[int]]:
+    """Decode and preprocess every image of ``ds[column]``: returns ``([N', 3, H, W], kept row indices)``.
 
-    Images are decoded one by one (not by ``datasets``), so a corrupt file is
-    reported with its row index instead of failing somewhere inside Arrow.
+    Images are decoded one by one (not by ``datasets``), so that an image that cannot be decoded is
+    skipped and counted; more than ``max_bad_share`` of them (or all) is an error naming the first.
     """
     import io
 
@@ -153,15 +172,19 @@ def images_to_tensor(ds, column: str, preprocess, where: str = "dataset") -> tor
         items = ds.cast_column(column, datasets.Image(decode=False))[column]
     else:
         items = ds[column]
-    out = []
+    out, kept, bad = [], [], []
     for i, item in enumerate(items):
         try:
             if isinstance(item, dict):
                 item = Image.open(io.BytesIO(item["bytes"])) if item.get("bytes") else Image.open(item["path"])
             out.append(preprocess(item.convert("RGB")))
+            kept.append(i)
         except Exception as exc:
-            raise DataError(f"{where}: image {i} cannot be decoded: {type(exc).__name__}: {exc}") from exc
-    return torch.stack(out)
+            bad.append(f"image {i}: {type(exc).__name__}: {exc}")
+    if bad and (len(bad) > max_bad_share * len(items) or not out):
+        raise DataError(f"{where}: {len(bad)} of {len(items)} images cannot be decoded "
+                        f"(max_undecodable_share {max_bad_share:g}); first: {bad[0]}")
+    return torch.stack(out), kept
 
 
 def fingerprint(*parts) -> str:

@@ -93,3 +93,10 @@ def load_base_model(name: str, pretrained: str | None, device="cpu") -> LoadedMo
 def model_config(name: str) -> dict:
     register_configs()
     return json.loads((CONFIG_DIR / f"{name}.json").read_text())
+
+
+def model_id(name: str, pretrained: str | None) -> str:
+    """Names the exact weights (a local checkpoint by path and modification time), for cache keys."""
+    path = Path(pretrained).expanduser() if pretrained else None
+    stamp = path.stat().st_mtime if path and path.is_file() else ""
+    return f"{name}|{pretrained}|{stamp}"

@@ -82,7 +82,8 @@ def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, args, state_fi
     job = WorkerJob(settings={}, data=cfg.data, model_name=cfg.model.name, model_pretrained=prepared.model_pretrained,
                     precision=cfg.model.precision, cache_dir=str(args.cache_dir.resolve()),
                     cpus_per_worker=cfg.resources.cpus_per_worker, tracking_uri=tracking_uri,
-                    baseline=state["baseline"], baseline_predictions=prepared.baseline_predictions)
+                    baseline=state["baseline"], baseline_predictions=prepared.baseline_predictions,
+                    evaluation=cfg.evaluation)
     context = SweepContext(job=job, experiment_id=state["experiment_id"], parent_run_id=state["parent_run_id"],
                            train_storage=f"{sweep_path(storage, sweep_name)}/train",
                            workers_per_trial=cfg.resources.workers_per_trial,

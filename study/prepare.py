@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 
 from .config import StudyConfig
-from .domain import benchmark, load_benchmark_split, load_finetune_split
-from .models import OFFLINE_MODEL, check_model, load_base_model
-from .zeroshot import detailed_metrics, zero_shot_logits
+from .domain import check_benchmarks, eval_sets, load_finetune_split
+from .models import OFFLINE_MODEL, check_model, load_base_model, model_id
+from .zeroshot import FeatureCache, evaluate_sets
 
 
 @dataclass
@@ -33,8 +33,7 @@ def check_inputs(cfg: StudyConfig, cache_dir: Path) -> int:
     """Validate model and data (paths, splits, columns, class names). Returns fine-tuning pairs."""
     check_model(cfg.model.name, cfg.model.pretrained)
     ds = load_finetune_split(cfg.data.finetune, cfg.data, cache_dir)
-    for name in ("specialized", "general"):
-        load_benchmark_split(getattr(cfg.data, name), cfg.data, cache_dir, f"data.{name}")
+    check_benchmarks(cfg.data, cache_dir)
     return len(ds)
 
 
@@ -47,20 +46,23 @@ def resolve_pretrained(cfg: StudyConfig, cache_dir: Path) -> Optional[str]:
     return cfg.model.pretrained
 
 
+def feature_cache(cache_dir: Path, model_name: str, pretrained: Optional[str]) -> FeatureCache:
+    """Where every trial finds the base model's embeddings of a tower it leaves frozen."""
+    return FeatureCache(Path(cache_dir) / "eval" / "features", model_id(model_name, pretrained))
+
+
 def prepare(cfg: StudyConfig, cache_dir: Path) -> Prepared:
+    """Check inputs, resolve the base model and evaluate it (the baseline) on every benchmark."""
     t0 = time.time()
     pairs = check_inputs(cfg, cache_dir)
     pretrained = resolve_pretrained(cfg, cache_dir)
     torch.manual_seed(0)
     lm = load_base_model(cfg.model.name, pretrained)
-    baseline, predictions, confusions = {}, {}, {}
-    for name in ("specialized", "general"):
-        bench = benchmark(getattr(cfg.data, name), cfg.data, cache_dir, lm.preprocess, name)
-        logits = zero_shot_logits(lm.model, lm.tokenizer, bench, "cpu")
-        values, matrix = detailed_metrics(logits, bench.labels)
-        baseline.update({f"{name}_{key}": value for key, value in values.items()})
-        baseline[f"{name}_chance"] = 1.0 / len(bench.classnames)
-        baseline[f"{name}_images"] = len(bench.labels)
-        predictions[name] = logits.argmax(1).tolist()
-        confusions[name] = (matrix, bench.classnames)
+    sets = eval_sets(cfg.data, cache_dir, lm.preprocess)
+    baseline, confusions, predictions = evaluate_sets(
+        lm.model, lm.tokenizer, sets, "cpu", detailed=True, cache=feature_cache(cache_dir, cfg.model.name, pretrained),
+        frozen_image=True, frozen_text=True)
+    for s in sets:
+        if s.spec.task == "classification":
+            baseline[f"{s.key}chance"] = 1.0 / len(s.classnames)
     return Prepared(pretrained, pairs, baseline, predictions, confusions, time.time() - t0)

@@ -17,10 +17,10 @@ import torch
 
 from .config import DataSection
 from .data import fingerprint, images_to_tensor, load_source
-from .domain import benchmark
+from .domain import eval_sets
 from .models import OFFLINE_MODEL, load_base_model, model_config
 from .train_loop import lr_lambda
-from .zeroshot import evaluate
+from .zeroshot import evaluate_sets
 
 
 @dataclass(frozen=True)
@@ -58,10 +58,11 @@ def pretrain(out_path: Path, cache_dir: Path, s: PretrainSettings) -> dict:
     model, tok = lm.model, lm.tokenizer
     # The general domain and its benchmark exactly as the default study configures them.
     data = DataSection(seed=s.seed, offline_scale=s.data_scale)
-    train = load_source(data.general.source, "train", cache_dir=cache_dir, seed=s.seed, scale=s.data_scale)
-    images = images_to_tensor(train, "image", lm.preprocess)
+    general = data.specs("general")[0]
+    train = load_source(general.source, "train", cache_dir=cache_dir, seed=s.seed, scale=s.data_scale)
+    images, _ = images_to_tensor(train, "image", lm.preprocess)
     texts = tok(train["caption"])
-    bench = benchmark(data.general, data, cache_dir, lm.preprocess, "general")
+    sets = eval_sets(data, cache_dir, lm.preprocess, roles=("general",))
     print(f"[pretrain] {OFFLINE_MODEL}: {len(images)} pairs, {s.steps} steps of {s.batch_size} "
           f"(one-time, cached at {out_path})", flush=True)
 
@@ -86,7 +87,8 @@ def pretrain(out_path: Path, cache_dir: Path, s: PretrainSettings) -> dict:
             model.logit_scale.clamp_(0, math.log(100))
         if step % max(1, s.steps // 10) == 0 or step == s.steps:
             print(f"[pretrain] step {step}/{s.steps}  loss {loss.item():.3f}  {time.time() - t0:.0f}s", flush=True)
-    metrics = evaluate(model, tok, bench, "cpu")
+    values, _, _ = evaluate_sets(model, tok, sets, "cpu")
+    metrics = {k.removeprefix("general_"): v for k, v in values.items() if k.startswith("general_")}
     print(f"[pretrain] done in {time.time() - t0:.0f}s: general zero-shot top-1 {metrics['top1']:.1%}", flush=True)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".tmp")

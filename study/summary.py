@@ -52,12 +52,20 @@ def format_summary(rows: list[TrialOutcome], baseline: dict, experiment: str, tr
         lines += [
             f"best specialized trial {best.trial_id}: specialized {m['specialized_top1']:.1%} "
             f"({d_spec:+.1f} points vs baseline), general {m['general_top1']:.1%} ({d_gen:+.1f} points)",
+            *[f"  {bench} top-1 95% CI [{m[f'{bench}_top1_ci_low']:.1%}, {m[f'{bench}_top1_ci_high']:.1%}] "
+              f"(bootstrap over images)" for bench in ("specialized", "general") if f"{bench}_top1_ci_low" in m],
             *[f"  {bench} gain 95% CI [{m[f'{bench}_top1_gain_ci_low'] * 100:+.1f}, "
               f"{m[f'{bench}_top1_gain_ci_high'] * 100:+.1f}] points (paired bootstrap), "
               f"McNemar p = {m[f'{bench}_mcnemar_p']:.2g}"
               for bench in ("specialized", "general") if f"{bench}_top1_gain_ci_low" in m],
             "  knobs: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(c.items())),
         ]
+        if "wiseft_best_alpha" in m:
+            curve = sorted((float(k.split("/")[1].removeprefix("alpha_")), v) for k, v in m.items()
+                           if k.startswith("wiseft/alpha_") and k.endswith("/specialized_top1"))
+            lines.append(f"  WiSE-FT (trained change x alpha): best alpha {m['wiseft_best_alpha']:g} gives specialized "
+                         f"{m['wiseft_best_specialized_top1']:.1%}, general {m['wiseft_best_general_top1']:.1%}; "
+                         "specialized by alpha: " + ", ".join(f"{a:g}: {v:.1%}" for a, v in curve))
         if multi_objective:
             front = pareto_front(done)
             lines.append(f"Pareto front (specialized vs general top-1): {len(front)} trial(s)")

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from .config import DataSection, TrialSettings
+from .config import DataSection, EvaluationSection, TrialSettings
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,6 +42,7 @@ class WorkerJob(BaseModel):
     run_id: Optional[str] = None
     baseline: dict[str, float] = {}
     baseline_predictions: dict[str, list[int]] = {}  # per benchmark, for the paired test
+    evaluation: EvaluationSection = EvaluationSection()
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -66,17 +67,59 @@ def lr_lambda(warmup: int, total: int):
     return lambda k: min(1.0, (k + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(k, total) / max(1, total)))
 
 
+def gains(values: dict, baseline: dict) -> dict:
+    """Headline changes against the baseline, in accuracy units."""
+    out = {}
+    if "specialized_top1" in baseline and "specialized_top1" in values:
+        out["specialized_top1_gain"] = values["specialized_top1"] - baseline["specialized_top1"]
+    if "general_top1" in baseline and "general_top1" in values:
+        out["general_top1_change"] = values["general_top1"] - baseline["general_top1"]
+    return out
+
+
+def wiseft_curve(job: WorkerJob, trained: dict, initial: dict, sets, device) -> dict:
+    """Evaluate the model with its trained change scaled by each alpha (WiSE-FT) and pick the best alpha.
+
+    The interpolated models are built on a freshly loaded base model, so that alpha = 0 is the base
+    model bit for bit (training drifts peft's merged attention weights by round-off).
+    """
+    from .adapters import apply_alignment_module, interpolate, load_trainable_state
+    from .models import load_base_model
+    from .zeroshot import evaluate_sets
+
+    lm = load_base_model(job.model_name, job.model_pretrained)
+    model = apply_alignment_module(lm.model, job.settings).to(device)
+    load_trainable_state(model, trained)
+    out, best = {}, None
+    for alpha in job.evaluation.wiseft_alphas:
+        interpolate(model, initial, trained, alpha)
+        values, _, _ = evaluate_sets(model, lm.tokenizer, sets, device, seed=job.settings.seed)
+        values.update(gains(values, job.baseline))
+        values["mean_top1"] = (values["specialized_top1"] + values["general_top1"]) / 2
+        out.update({f"wiseft/alpha_{alpha:g}/{k}": v for k, v in values.items() if not k.endswith("images")})
+        if best is None or values[job.evaluation.wiseft_select] > best[1][job.evaluation.wiseft_select]:
+            best = (alpha, values)
+    alpha, values = best
+    out["wiseft_best_alpha"] = alpha
+    for k in ("specialized_top1", "general_top1", "specialized_top1_gain", "general_top1_change", "mean_top1"):
+        if k in values:
+            out[f"wiseft_best_{k}"] = values[k]
+    return out
+
+
 def train_fn_per_worker(config: dict) -> None:
     """Ray Train entry point: fine-tune the alignment module, evaluate and report each epoch."""
     import ray.train
     import ray.train.torch
     from open_clip.loss import ClipLoss
 
-    from .adapters import apply_alignment_module, load_trainable_state, trainable_state, unwrap, weight_change_norm
-    from .domain import benchmark, finetune_tensors
+    from .adapters import (apply_alignment_module, load_trainable_state, tower_is_frozen, trainable_state, unwrap,
+                           weight_change_norm)
+    from .domain import eval_sets, finetune_tensors
     from .models import load_base_model
+    from .prepare import feature_cache
     from .tracking import TrialLogger
-    from .zeroshot import accuracy_metrics, detailed_metrics, zero_shot_logits
+    from .zeroshot import evaluate_sets
 
     job = WorkerJob.model_validate(config)
     s = job.settings
@@ -96,8 +139,9 @@ def train_fn_per_worker(config: dict) -> None:
                                  for i in range(0, len(images), 256)])
         teacher_txt = torch.cat([base.encode_text(tokens[i:i + 256].to(device), normalize=True).cpu()
                                  for i in range(0, len(tokens), 256)])
-    benches = ([benchmark(job.data.specialized, job.data, cache_dir, lm.preprocess, "specialized"),
-                benchmark(job.data.general, job.data, cache_dir, lm.preprocess, "general")] if rank == 0 else [])
+    sets = eval_sets(job.data, cache_dir, lm.preprocess) if rank == 0 else []
+    cache = feature_cache(cache_dir, job.model_name, job.model_pretrained)
+    frozen = {"frozen_image": tower_is_frozen(s, "image"), "frozen_text": tower_is_frozen(s, "text")}
 
     model = apply_alignment_module(base, s)
     initial = trainable_state(model)
@@ -159,24 +203,21 @@ def train_fn_per_worker(config: dict) -> None:
         confusions = {}
         if rank == 0:
             final = epoch + 1 == s.epochs
-            for bench in benches:
-                logits = zero_shot_logits(clip, lm.tokenizer, bench, device)
-                if final:  # intervals, per-class recall and the paired test vs the baseline, once
-                    values, confusions[bench.name] = detailed_metrics(
-                        logits, bench.labels, job.baseline_predictions.get(bench.name), seed=s.seed)
-                else:
-                    values = accuracy_metrics(logits, bench.labels)
-                metrics.update({f"{bench.name}_{key}": value for key, value in values.items()})
-                metrics[f"{bench.name}_images"] = len(bench.labels)
-            if "specialized_top1" in job.baseline:
-                metrics["specialized_top1_gain"] = metrics["specialized_top1"] - job.baseline["specialized_top1"]
-                metrics["general_top1_change"] = metrics["general_top1"] - job.baseline["general_top1"]
+            t_eval = time.time()
+            # At the last epoch: intervals, per-class recall and the paired test against the baseline.
+            values, confusions, _ = evaluate_sets(clip, lm.tokenizer, sets, device, detailed=final, cache=cache,
+                                                  baseline_predictions=job.baseline_predictions, seed=s.seed, **frozen)
+            metrics.update(values)
+            metrics.update(gains(values, job.baseline))
             metrics["weight_change_norm"] = weight_change_norm(model, initial)
+            if final and job.evaluation.wiseft_alphas:
+                metrics.update(wiseft_curve(job, trainable_state(model), initial, sets, device))
+            metrics["eval_seconds"] = time.time() - t_eval
             metrics["epoch_seconds"] = time.time() - t0
             if logger:
                 logger.log_epoch(metrics, step=epoch + 1)
-                for name, matrix in confusions.items():
-                    logger.log_confusion(name, matrix, next(b.classnames for b in benches if b.name == name))
+                for name, (matrix, classnames) in confusions.items():
+                    logger.log_confusion(name, matrix, classnames)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:

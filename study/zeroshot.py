@@ -1,60 +1,168 @@
-"""Zero-shot classification, following CLIP_benchmark's protocol.
+"""Zero-shot evaluation, following CLIP_benchmark's protocol.
 
-Class names x prompt templates are embedded, each embedding L2-normalized,
-averaged per class, then normalized again (open_clip's
-``build_zero_shot_classifier``). Images are embedded and normalized; the logits
-are their cosine similarity to each class embedding.
+Classification: each class's prompts are embedded, each embedding L2-normalized,
+averaged, then normalized again; images are embedded and normalized, and the
+logits are their cosine similarity to each class embedding. Retrieval: recall@k
+of captions given images and of images given captions. Small pure functions,
+plus :func:`evaluate_sets`, which runs them over a study's benchmarks and can
+reuse a frozen tower's embeddings from a :class:`FeatureCache`.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from .data import Benchmark
+from .data import fingerprint
 
 
-def zero_shot_classifier(model, tokenizer, classnames, templates, device) -> torch.Tensor:
-    """Class embeddings ``[D, C]`` from ``classnames`` (C) and ``{c}`` ``templates``."""
-    from open_clip import build_zero_shot_classifier
+@torch.no_grad()
+def zero_shot_classifier(model, tokenizer, prompts: list[list[str]], device) -> torch.Tensor:
+    """Class embeddings ``[D, C]`` from C lists of prompts (templates filled with the class name, or CuPL).
 
-    fns = [lambda c, t=t: t.format(c=c) for t in templates]
-    return build_zero_shot_classifier(model, tokenizer, list(classnames), fns,
-                                      num_classes_per_batch=None, device=device)
+    Exactly CLIP_benchmark's ``zero_shot_classifier``: per class, the prompts' embeddings are
+    normalized, averaged, and normalized again.
+    """
+    weights = []
+    for texts in prompts:
+        emb = F.normalize(model.encode_text(tokenizer(texts).to(device)).float(), dim=-1).mean(dim=0)
+        weights.append(emb / emb.norm())
+    return torch.stack(weights, dim=1)
 
 
 @torch.no_grad()
 def image_features(model, images: torch.Tensor, device, batch_size: int = 256) -> torch.Tensor:
     """L2-normalized image embeddings ``[N, D]`` for ``images`` ``[N, 3, H, W]``."""
-    feats = [model.encode_image(images[i:i + batch_size].to(device), normalize=True).float()
+    feats = [F.normalize(model.encode_image(images[i:i + batch_size].to(device)).float(), dim=-1)
              for i in range(0, len(images), batch_size)]
     return torch.cat(feats)
 
 
+@torch.no_grad()
+def text_features(model, tokenizer, texts: list[str], device, batch_size: int = 256) -> torch.Tensor:
+    """L2-normalized text embeddings ``[T, D]``."""
+    feats = [F.normalize(model.encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float(), dim=-1)
+             for i in range(0, len(texts), batch_size)]
+    return torch.cat(feats)
+
+
 def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Top-1 and balanced accuracy (mean per-class recall) from ``logits`` ``[N, C]`` and ``labels`` ``[N]``."""
-    pred = logits.argmax(dim=1).cpu()
-    labels = labels.cpu()
-    recalls = [(pred[labels == c] == c).float().mean().item()
+    """Top-1, top-5 (C >= 5) and balanced accuracy (mean per-class recall) from ``logits`` ``[N, C]``
+    and ``labels`` ``[N]``: CLIP_benchmark's ``evaluate`` arithmetic (counts divided in float64)."""
+    pred, labels = logits.argmax(dim=1).cpu(), labels.cpu()
+    n = len(labels)
+    recalls = [int((pred[labels == c] == c).sum()) / int((labels == c).sum())
                for c in range(logits.shape[1]) if (labels == c).any()]
-    return {"top1": (pred == labels).float().mean().item(),
-            "balanced_accuracy": float(sum(recalls) / len(recalls))}
+    out = {"top1": int((pred == labels).sum()) / n, "balanced_accuracy": float(np.mean(recalls))}
+    if logits.shape[1] >= 5:
+        out["top5"] = int((logits.topk(5, dim=1).indices.cpu() == labels[:, None]).any(1).sum()) / n
+    return out
+
+
+def retrieval_hits(scores: torch.Tensor, caption_image: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query hits at ``k`` from ``scores`` ``[N images, T captions]``: ``(image->text [N], text->image [T])``.
+
+    An image query hits when any of its captions is among its top ``k`` captions; a caption query
+    hits when its image is among its top ``k`` images (CLIP_benchmark's retrieval protocol).
+    """
+    n, t = scores.shape
+    positive = torch.zeros(n, t, dtype=torch.bool)
+    positive[caption_image, torch.arange(t)] = True
+    i2t = positive.gather(1, scores.topk(min(k, t), dim=1).indices).any(1)
+    t2i = positive.T.gather(1, scores.T.topk(min(k, n), dim=1).indices).any(1)
+    return i2t, t2i
+
+
+def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, caption_image: torch.Tensor, n_boot: int = 1000,
+                      seed: int = 0) -> dict:
+    """Recall@1/5/10 both ways from normalized ``img`` ``[N, D]`` and ``txt`` ``[T, D]``, with 95% bootstrap
+    intervals of recall@1 (queries resampled with replacement)."""
+    scores = (img @ txt.T).cpu()
+    out = {}
+    rng = np.random.default_rng(seed)
+    for k in (1, 5, 10):
+        i2t, t2i = retrieval_hits(scores, caption_image.cpu(), k)
+        for name, hits in (("i2t", i2t), ("t2i", t2i)):
+            out[f"{name}_recall_at_{k}"] = int(hits.sum()) / len(hits)
+            if k == 1:
+                h = hits.numpy()
+                boot = h[rng.integers(0, len(h), size=(n_boot, len(h)))].mean(1)
+                out[f"{name}_recall_at_1_ci_low"], out[f"{name}_recall_at_1_ci_high"] = (
+                    float(v) for v in np.percentile(boot, [2.5, 97.5]))
+    return out
+
+
+class FeatureCache:
+    """Embeddings of a frozen tower, computed once per study and shared by every trial through files.
+
+    Keys name the model weights (``model_id``) and the inputs (a benchmark's fingerprint, or its
+    prompts), so a file is only ever reused for the same frozen weights and the same data.
+    """
+
+    def __init__(self, folder: Path | None, model_id: str):
+        self.folder = Path(folder) if folder else None
+        self.model_id = model_id
+        self.hits = 0
+
+    def get(self, kind: str, key: str, compute):
+        if self.folder is None:
+            return compute()
+        path = self.folder / f"{kind}-{fingerprint(self.model_id, key)}.pt"
+        if path.exists():
+            self.hits += 1
+            return torch.load(path, weights_only=True)
+        value = compute().cpu()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(value, tmp)
+        tmp.replace(path)
+        return value
 
 
 @torch.no_grad()
-def zero_shot_logits(model, tokenizer, bench: Benchmark, device) -> torch.Tensor:
-    """Cosine-similarity logits ``[N, C]`` of ``bench``'s images against its zero-shot classifier."""
+def evaluate_sets(model, tokenizer, sets, device, *, detailed: bool = False, baseline_predictions=None,
+                  cache: FeatureCache | None = None, frozen_image: bool = False, frozen_text: bool = False,
+                  seed: int = 0, batch_size: int = 256) -> tuple[dict, dict, dict]:
+    """Zero-shot metrics of ``model`` on every :class:`~study.benchmarks.EvalSet`.
+
+    Returns ``(metrics, confusions, predictions)``: metrics keyed ``<set.key><metric>``; with ``detailed``,
+    intervals, per-class recall, confusion matrices ``{set.label: (matrix, classnames)}`` and, given
+    ``baseline_predictions`` ``{set.label: [class per image]}``, the paired test against the baseline.
+    ``frozen_image``/``frozen_text`` say a tower is untouched, so ``cache`` may serve its embeddings.
+    """
     was_training = model.training
     model.eval()
-    classifier = zero_shot_classifier(model, tokenizer, bench.classnames, bench.templates, device)
-    logits = image_features(model, bench.images, device) @ classifier.float()
+    metrics, confusions, predictions = {}, {}, {}
+    use = cache if cache is not None else FeatureCache(None, "")
+    for s in sets:
+        def images():
+            return image_features(model, s.images, device, batch_size)
+
+        img = use.get("image", s.fingerprint, images) if frozen_image else images()
+        if s.spec.task == "retrieval":
+            txt = (use.get("captions", s.fingerprint, lambda: text_features(model, tokenizer, s.captions, device))
+                   if frozen_text else text_features(model, tokenizer, s.captions, device))
+            values = retrieval_metrics(img, txt, s.caption_image, seed=seed)
+        else:
+            clf = (use.get("classifier", repr(s.prompts), lambda: zero_shot_classifier(model, tokenizer, s.prompts, device))
+                   if frozen_text else zero_shot_classifier(model, tokenizer, s.prompts, device))
+            logits = (img.to(clf.device) @ clf.float()).cpu()
+            predictions[s.label] = logits.argmax(1).tolist()
+            if detailed:
+                values, matrix = detailed_metrics(logits, s.labels, (baseline_predictions or {}).get(s.label), seed=seed)
+                confusions[s.label] = (matrix, s.classnames)
+            else:
+                values = accuracy_metrics(logits, s.labels)
+        metrics.update({f"{s.key}{k}": v for k, v in values.items()})
+        metrics[f"{s.key}images"] = len(s.images)
+        if s.skipped:
+            metrics[f"{s.key}undecodable_images"] = s.skipped
     model.train(was_training)
-    return logits.cpu()
-
-
-def evaluate(model, tokenizer, bench: Benchmark, device) -> dict:
-    """Zero-shot ``{"top1", "balanced_accuracy"}`` of ``model`` on ``bench``."""
-    return accuracy_metrics(zero_shot_logits(model, tokenizer, bench, device), bench.labels)
+    return metrics, confusions, predictions
 
 
 def detailed_metrics(logits: torch.Tensor, labels: torch.Tensor, baseline_pred: list[int] | None = None,
@@ -73,11 +181,7 @@ def detailed_metrics(logits: torch.Tensor, labels: torch.Tensor, baseline_pred: 
     pred = logits.argmax(1).cpu().numpy()
     correct = pred == y
     present = [k for k in range(c) if (y == k).any()]
-    out = {"top1": float(correct.mean()),
-           "balanced_accuracy": float(np.mean([correct[y == k].mean() for k in present]))}
-    if c >= 5:
-        top5 = logits.topk(5, dim=1).indices.cpu().numpy()
-        out["top5"] = float((top5 == y[:, None]).any(1).mean())
+    out = accuracy_metrics(logits, labels)
     for k in present:
         out[f"recall/{k}"] = float(correct[y == k].mean())
     confusion = np.zeros((c, c), dtype=np.int64)

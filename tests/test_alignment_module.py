@@ -6,8 +6,8 @@ import pytest
 import torch
 from open_clip.loss import ClipLoss
 
-from study.adapters import apply_alignment_module, lora_target_regex, save_adapter, trainable_state, unwrap, \
-    weight_change_norm
+from study.adapters import apply_alignment_module, interpolate, load_trainable_state, lora_target_regex, \
+    save_adapter, tower_is_frozen, trainable_state, unwrap, weight_change_norm
 from study.config import TrialSettings
 from study.models import load_base_model
 from study.zeroshot import accuracy_metrics, zero_shot_classifier
@@ -85,7 +85,7 @@ def test_adapter_artifact_round_trips(tiny, tmp_path):
 def test_zero_shot_classifier_follows_clip_benchmark_protocol(tiny):
     model, tok = tiny.model.eval(), tiny.tokenizer
     classes, templates = ["circle", "square"], ["a {c}.", "a photo of a {c}."]
-    w = zero_shot_classifier(model, tok, classes, templates, "cpu")
+    w = zero_shot_classifier(model, tok, [[t.format(c=c) for t in templates] for c in classes], "cpu")
     assert w.shape == (64, 2)
     with torch.no_grad():
         for j, c in enumerate(classes):
@@ -129,3 +129,35 @@ def test_detailed_metrics_intervals_and_paired_test():
     assert m2["top1_gain"] < 0 and m2["top1_gain_ci_high"] < 0 and m2["mcnemar_p"] < 1e-6
     m3, _ = detailed_metrics(logits[:, :4], labels.clamp(max=3))
     assert "top5" not in m3
+
+
+def test_wiseft_alpha_zero_is_the_base_model_bit_for_bit_and_one_the_finetuned(tiny):
+    import copy
+
+    s = TrialSettings(lora_blocks=2, lora_rank=4, lora_targets=["attn", "mlp"])
+    pristine = copy.deepcopy(tiny.model).eval()
+    model = apply_alignment_module(tiny.model, s)
+    initial = trainable_state(model)
+    _train(model, tiny.tokenizer, steps=5)
+    trained = trainable_state(model)
+    x, t = torch.randn(4, 3, 32, 32), tiny.tokenizer(["a red circle", "two squares", "a cell", "stain"])
+
+    # As a trial does: a freshly loaded base model with the trained adapters, the change scaled by alpha.
+    fresh = apply_alignment_module(copy.deepcopy(pristine), s).eval()
+    load_trainable_state(fresh, trained)
+    with torch.no_grad():
+        interpolate(fresh, initial, trained, 0.0)
+        assert torch.equal(fresh.encode_image(x), pristine.encode_image(x))
+        assert torch.equal(fresh.encode_text(t), pristine.encode_text(t))
+        interpolate(fresh, initial, trained, 1.0)
+        torch.testing.assert_close(fresh.encode_image(x), model.eval().encode_image(x), atol=1e-5, rtol=1e-5)
+        half = fresh.encode_image(x).clone()
+        interpolate(fresh, initial, trained, 0.5)
+        assert not torch.allclose(fresh.encode_image(x), half)  # alpha really moves the model
+
+
+def test_tower_is_frozen_only_when_nothing_in_it_trains():
+    assert tower_is_frozen(TrialSettings(lora_towers=["image"], train_projections=False), "text")
+    assert not tower_is_frozen(TrialSettings(lora_towers=["image"], train_projections=False), "image")
+    assert not tower_is_frozen(TrialSettings(lora_towers=["image"], train_projections=True), "text")
+    assert tower_is_frozen(TrialSettings(lora_blocks=0, train_projections=False), "image")

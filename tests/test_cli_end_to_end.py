@@ -29,7 +29,9 @@ def test_smoke_study_records_parent_baseline_and_one_child_per_trial(tmp_path, s
                                                                        "analysis"}
     assert "trade-off report" in out
     report = {a.path for a in c.list_artifacts(parent.info.run_id, "analysis")}
-    assert {"analysis/report.md", "analysis/trials.csv", "analysis/tradeoff_map.png"} <= report
+    assert {"analysis/report.md", "analysis/trials.csv", "analysis/tradeoff_map.png",
+            "analysis/wiseft_curves.png"} <= report
+    assert "WiSE-FT (trained change x alpha): best alpha" in out and "top-1 95% CI [" in out
 
     baseline = next(r for r in children if r.data.tags["study.kind"] == "baseline")
     assert 0 <= baseline.data.metrics["specialized_top1"] <= 1
@@ -52,6 +54,20 @@ def test_smoke_study_records_parent_baseline_and_one_child_per_trial(tmp_path, s
         assert m["specialized_top1_ci_low"] <= m["specialized_top1"] <= m["specialized_top1_ci_high"]
         assert 0 <= m["specialized_mcnemar_p"] <= 1
         assert "eval/specialized_confusion.csv" in {a.path for a in c.list_artifacts(run.info.run_id, "eval")}
+        # Retrieval on held-out captions, both directions, and how long evaluation took.
+        for key in ("i2t_recall_at_1", "t2i_recall_at_5", "i2t_recall_at_10", "i2t_recall_at_1_ci_low"):
+            assert 0 <= m[f"specialized/micrographs-captions/{key}"] <= 1, key
+        assert m["eval_seconds"] > 0
+        # The WiSE-FT curve: every alpha logged; alpha = 0 is the baseline exactly.
+        alphas = sorted(float(k.split("/")[1].removeprefix("alpha_")) for k in m
+                        if k.startswith("wiseft/alpha_") and k.endswith("/specialized_top1"))
+        assert alphas == [0.0, 0.25, 0.5, 0.75, 1.0]
+        for bench in ("specialized", "general"):
+            assert m[f"wiseft/alpha_0/{bench}_top1"] == baseline.data.metrics[f"{bench}_top1"]
+            assert m[f"wiseft/alpha_0/{bench}_balanced_accuracy"] == baseline.data.metrics[f"{bench}_balanced_accuracy"]
+        assert m["wiseft_best_alpha"] in alphas
+        best_mean = max(m[f"wiseft/alpha_{a:g}/mean_top1"] for a in alphas)
+        assert m["wiseft_best_mean_top1"] == best_mean
         gain = run.data.metrics["specialized_top1"] - baseline.data.metrics["specialized_top1"]
         assert abs(run.data.metrics["specialized_top1_gain"] - gain) < 1e-6
         history = c.get_metric_history(run.info.run_id, "specialized_top1")

@@ -52,7 +52,7 @@ def test_default_space_searches_lr_rank_fraction():
     ("name: t\nsearch: {objective: [{metric: accuracy}]}\nparams: {lora_rank: {distribution: int, low: 1, high: 4}}\n",
      "search.objective.0.metric"),
     ("name: t\ndata: {specialized: {source: x, templates: ['no slot']}}\nparams: {lora_rank: {distribution: int, low: 1, high: 4}}\n",
-     "data.specialized.templates"),
+     "data.specialized.0.templates"),
     ("name: t\nparams: {learning_rate: {distribution: loguniform, low: 0.1, high: 0.01}}\n", "params.learning_rate"),
     ("name: t\nparams: {learning_rate: 0.1}\n", "params"),
 ])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -105,5 +106,7 @@ def test_corrupt_image_is_reported(tmp_path):
     imgs = _images(tmp_path / "imgs", 3)
     imgs[1].write_bytes(b"garbage")
     ds = datasets.Dataset.from_dict({"image": [str(p) for p in imgs]}).cast_column("image", datasets.Image())
-    with pytest.raises(DataError, match="data.finetune: image 1 cannot be decoded"):
+    with pytest.raises(DataError, match="data.finetune: 1 of 3 images cannot be decoded .*first: image 1"):
         images_to_tensor(ds, "image", lambda im: np.asarray(im), where="data.finetune")
+    images, kept = images_to_tensor(ds, "image", lambda im: torch.from_numpy(np.asarray(im)), max_bad_share=0.5)
+    assert kept == [0, 2] and len(images) == 2

@@ -1,0 +1,271 @@
+"""Benchmark specs: one small YAML file per zero-shot benchmark, validated into :class:`BenchmarkSpec`.
+
+A spec says where the images are (a Hugging Face dataset id, an image folder,
+Parquet/Arrow files, an open_clip-style CSV, or a generated ``offline:`` domain),
+which split and columns to read, the class names, the prompts (templates with
+``{c}``, or per-class prompts as in CuPL) and the task: ``classification`` or
+image-text ``retrieval`` on held-out captions.
+
+Shipped specs live in ``study/benchmark_specs/`` and are named by file stem
+(``micrographs``, ``pcam``, ``cifar10``...); a study may also name a spec by
+path, or write one inline. Every error names the spec file and the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .data import DataError, EmptySplitError, fingerprint, images_to_tensor, load_source
+
+SPECS_DIR = Path(__file__).resolve().parent / "benchmark_specs"
+Task = Literal["classification", "retrieval"]
+
+
+class SpecError(ValueError):
+    """A benchmark spec that cannot be used; ``str()`` is one line naming the spec file and field."""
+
+
+class BenchmarkSpec(BaseModel):
+    """One zero-shot benchmark. Field comments are the documentation users read in the YAML files."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("", description="short name used in metric keys; default: the file stem")
+    description: str = ""
+    task: Task = "classification"
+    source: str = Field(description="hub id, local folder/file, 'offline:<domain>', or a builder "
+                                    "('parquet', 'csv', 'imagefolder') when data_files is set")
+    config: Optional[str] = Field(None, description="Hugging Face dataset config name")
+    revision: Optional[str] = Field(None, description="Hugging Face revision (branch, tag or commit)")
+    data_files: Optional[Union[str, list[str], dict[str, Union[str, list[str]]]]] = None
+    split: str = "test"
+    image_column: str = "image"
+    label_column: str = "label"  # classification
+    caption_column: str = "caption"  # retrieval: a string or a list of strings per image
+    classnames: Optional[Union[list[str], dict[int, str]]] = Field(
+        None, description="list, or {label: name}; default: the label column's ClassLabel names")
+    templates: Union[list[str], dict[str, list[str]]] = Field(
+        ["a photo of a {c}."], description="templates with {c}, or {class name: [prompts]} (CuPL)")
+    max_images: Optional[int] = Field(None, ge=1, description="evaluate on the first N images only")
+    max_undecodable_share: float = Field(0.01, ge=0, le=1, description="skip and count images that cannot be "
+                                         "decoded; stop when more than this share fail")
+    origin: str = Field("", description="set by the loader: the spec file (or study file and field)")
+
+    @field_validator("templates")
+    @classmethod
+    def _templates(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("no templates")
+            for t in v:
+                if "{c}" not in t:
+                    raise ValueError(f"template {t!r} has no '{{c}}' slot for the class name")
+        else:
+            for name, prompts in v.items():
+                if not prompts:
+                    raise ValueError(f"class {name!r} has no prompts")
+        return v
+
+    @model_validator(mode="after")
+    def _cupl_covers_classes(self):
+        if isinstance(self.templates, dict) and self.classnames is not None:
+            missing = [c for c in self.class_list() if c not in self.templates]
+            if missing:
+                raise ValueError(f"templates: per-class prompts missing for {missing[:3]}")
+        return self
+
+    def class_list(self, n: int | None = None) -> list[str]:
+        """Class names in label order (``n`` labels when known)."""
+        if isinstance(self.classnames, dict):
+            size = max(self.classnames) + 1 if n is None else n
+            return [self.classnames.get(i, "") for i in range(size)]
+        return list(self.classnames or [])
+
+    def where(self, field_name: str) -> str:
+        """``<spec file>: <field>``, or ``<study file>: data.<role>.<i>.<field>`` for an inline spec."""
+        origin = self.origin or self.name
+        return f"{origin}.{field_name}" if ": " in origin else f"{origin}: {field_name}"
+
+
+def _fmt(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+    msg = e["msg"].removeprefix("Value error, ")
+    got = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {e.get('input')!r})"
+    return f"{loc or '<top>'}: {msg}{got}"
+
+
+def shipped_specs() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(SPECS_DIR.glob("*.yaml"))}
+
+
+def spec_from_dict(raw: dict, origin: str, default_name: str) -> BenchmarkSpec:
+    """Validate a spec mapping; errors read ``<origin>: <field>: <problem>``."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{origin}: expected a mapping, got {type(raw).__name__}")
+    try:
+        spec = BenchmarkSpec.model_validate({**raw, "origin": origin})
+    except ValidationError as err:
+        raise SpecError(f"{origin}{'.' if ': ' in origin else ': '}{_fmt(err)}") from None
+    return spec if spec.name else spec.model_copy(update={"name": default_name})
+
+
+def load_spec(ref: str) -> BenchmarkSpec:
+    """A spec by shipped name (``pcam``) or by path to a YAML file."""
+    specs = shipped_specs()
+    path = specs.get(ref) or Path(ref).expanduser()
+    if not path.is_file():
+        raise SpecError(f"{ref}: no such benchmark spec; shipped specs: {', '.join(specs)} "
+                        f"(or give the path of a YAML file)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: malformed YAML: {getattr(exc, 'problem', exc)}") from None
+    return spec_from_dict(raw, str(path), path.stem)
+
+
+def resolve(ref: Union[str, dict, BenchmarkSpec], origin: str, default_name: str) -> BenchmarkSpec:
+    if isinstance(ref, BenchmarkSpec):
+        return ref
+    if isinstance(ref, str):
+        return load_spec(ref)
+    return spec_from_dict(ref, origin, default_name)
+
+
+# ----------------------------------------------------------------- loading
+def load_split(spec: BenchmarkSpec, cache_dir: Path, seed: int = 0, scale: float = 1.0):
+    """The spec's split as a ``datasets.Dataset``, columns and class names checked."""
+    try:
+        ds = load_source(spec.source, spec.split, cache_dir=cache_dir, seed=seed, scale=scale,
+                         config=spec.config, revision=spec.revision, data_files=spec.data_files,
+                         where=spec.where("source"))
+    except EmptySplitError:
+        ds = []
+    except DataError as exc:
+        raise SpecError(str(exc)) from None
+    if len(ds) == 0:
+        raise SpecError(f"{spec.where('split')}: split {spec.split!r} is empty")
+    needed = {"image_column": spec.image_column}
+    needed["label_column" if spec.task == "classification" else "caption_column"] = (
+        spec.label_column if spec.task == "classification" else spec.caption_column)
+    for fld, col in needed.items():
+        if col not in ds.column_names:
+            raise SpecError(f"{spec.where(fld)}: column {col!r} not in split {spec.split!r} "
+                            f"(columns: {ds.column_names})")
+    if spec.max_images and len(ds) > spec.max_images:
+        ds = ds.select(range(spec.max_images))
+    return ds
+
+
+def classnames_for(spec: BenchmarkSpec, ds) -> list[str]:
+    """Class names in label order; every label in ``ds`` must have one."""
+    if spec.classnames is None:
+        names = getattr(ds.features[spec.label_column], "names", None)
+        if not names:
+            raise SpecError(f"{spec.where('classnames')}: label column {spec.label_column!r} has no class "
+                            f"names; list them in the spec")
+        names = list(names)
+    else:
+        names = spec.class_list()
+    labels = {int(y) for y in ds[spec.label_column]}
+    bad = sorted(y for y in labels if not 0 <= y < len(names) or not names[y])
+    if bad:
+        raise SpecError(f"{spec.where('classnames')}: {len(names)} class names do not cover labels {bad[:5]}")
+    if isinstance(spec.templates, dict):
+        missing = [c for c in names if c not in spec.templates]
+        if missing:
+            raise SpecError(f"{spec.where('templates')}: per-class prompts missing for {missing[:3]}")
+    return names
+
+
+def check(spec: BenchmarkSpec, cache_dir: Path, seed: int = 0, scale: float = 1.0) -> int:
+    """Validate everything but the pixels (cheap); returns the number of images."""
+    ds = load_split(spec, cache_dir, seed, scale)
+    if spec.task == "classification":
+        classnames_for(spec, ds)
+    return len(ds)
+
+
+@dataclass
+class EvalSet:
+    """A benchmark decoded for one model's preprocessing."""
+
+    spec: BenchmarkSpec
+    role: str  # "specialized" | "general"
+    primary: bool  # the role's headline benchmark: its metrics are "<role>_<metric>"
+    images: torch.Tensor  # [N, 3, H, W]
+    labels: Optional[torch.Tensor] = None  # [N] (classification)
+    classnames: list[str] = field(default_factory=list)
+    prompts: list[list[str]] = field(default_factory=list)  # per class (classification)
+    captions: list[str] = field(default_factory=list)  # retrieval: every caption
+    caption_image: Optional[torch.Tensor] = None  # [T]: the image each caption belongs to
+    skipped: int = 0  # images that could not be decoded
+    fingerprint: str = ""  # identifies spec + preprocessing: the key of cached embeddings
+
+    @property
+    def key(self) -> str:
+        """Metric prefix: ``specialized_`` for the headline benchmark, else ``specialized/<name>/``."""
+        return f"{self.role}_" if self.primary else f"{self.role}/{self.spec.name}/"
+
+    @property
+    def label(self) -> str:
+        """Name for artifacts and predictions: the role for the headline benchmark, else the spec name."""
+        return self.role if self.primary else self.spec.name
+
+
+def class_prompts(spec: BenchmarkSpec, classnames: list[str]) -> list[list[str]]:
+    if isinstance(spec.templates, dict):
+        return [list(spec.templates[c]) for c in classnames]
+    return [[t.format(c=c) for t in spec.templates] for c in classnames]
+
+
+def decode(spec: BenchmarkSpec, role: str, primary: bool, cache_dir: Path, preprocess, seed: int = 0,
+           scale: float = 1.0, tensor_cache: Optional[Path] = None) -> EvalSet:
+    """Load, check and decode ``spec`` for ``preprocess``.
+
+    With ``tensor_cache`` (a folder), the decoded tensors are saved there once, keyed by the spec and the
+    preprocessing, and later calls (other trials, other epochs' workers) load them instead of decoding.
+    """
+    local = Path(spec.source).expanduser()
+    stamp = local.stat().st_mtime if local.exists() else ""  # a local dataset edited in place is re-read
+    key = fingerprint(spec.model_dump_json(exclude={"origin", "description"}), repr(preprocess), seed, scale, stamp)
+    cached = tensor_cache / f"{spec.name}-{key}.pt" if tensor_cache else None
+    if cached and cached.exists():
+        state = torch.load(cached, weights_only=True)
+        return EvalSet(spec, role, primary, state["images"], state.get("labels"), state["classnames"],
+                       state["prompts"], state["captions"], state.get("caption_image"), state["skipped"], key)
+    ds = load_split(spec, cache_dir, seed, scale)
+    try:
+        images, kept = images_to_tensor(ds, spec.image_column, preprocess, where=spec.origin or spec.name,
+                                        max_bad_share=spec.max_undecodable_share)
+    except DataError as exc:
+        raise SpecError(str(exc)) from None
+    skipped = len(ds) - len(kept)
+    if skipped:
+        print(f"[data] {spec.name}: skipped {skipped} of {len(ds)} images that cannot be decoded "
+              f"(max_undecodable_share {spec.max_undecodable_share})", flush=True)
+    ds = ds.select(kept)
+    out = EvalSet(spec, role, primary, images, skipped=skipped, fingerprint=key)
+    if spec.task == "classification":
+        out.classnames = classnames_for(spec, ds)
+        out.labels = torch.tensor([int(y) for y in ds[spec.label_column]])
+        out.prompts = class_prompts(spec, out.classnames)
+    else:
+        owner = []
+        for i, caps in enumerate(ds[spec.caption_column]):
+            caps = [caps] if isinstance(caps, str) else list(caps)
+            out.captions += [str(c) for c in caps]
+            owner += [i] * len(caps)
+        out.caption_image = torch.tensor(owner)
+    if cached and images.numel() * images.element_size() <= 2 * 2**30:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        torch.save({"images": images, "labels": out.labels, "classnames": out.classnames, "prompts": out.prompts,
+                    "captions": out.captions, "caption_image": out.caption_image, "skipped": skipped}, tmp)
+        tmp.replace(cached)  # atomic: concurrent trials never read a half-written file
+    return out

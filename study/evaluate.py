@@ -1,0 +1,107 @@
+"""``python -m study.evaluate``: zero-shot evaluation of any open_clip model on benchmark specs.
+
+The same evaluator the study runs on every trial and on its baseline, alone:
+CLIP_benchmark's protocol (its numbers, within 1e-6, with AMP off), plus 95%
+bootstrap intervals and retrieval recall@k. Exit 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .benchmarks import SpecError, decode, load_spec, shipped_specs
+from .data import DataError
+from .models import OFFLINE_MODEL, ModelError, check_model, load_base_model
+
+EXAMPLES = """examples:
+  python -m study.evaluate --benchmark micrographs --benchmark shapes     # the offline base model
+  python -m study.evaluate --model ViT-B-32 --pretrained laion2b_s34b_b79k --benchmark pcam --benchmark cifar10
+  python -m study.evaluate --model hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 \\
+      --benchmark pathmnist --json results.json
+  python -m study.evaluate --model ViT-B-32 --pretrained ./finetuned.pt --benchmark my_spec.yaml
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m study.evaluate", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Zero-shot classification (top-1, top-5, balanced accuracy, per-class recall, 95%% bootstrap "
+                    "intervals) and image-text retrieval (recall@1/5/10 both ways) of an open_clip model on "
+                    "benchmark specs. Shipped specs: " + ", ".join(shipped_specs()) + ".")
+    p.add_argument("--model", default=OFFLINE_MODEL, help="open_clip model name or hf-hub:org/repo "
+                   f"(default: {OFFLINE_MODEL}, the offline base model, pretrained once and cached)")
+    p.add_argument("--pretrained", help="open_clip pretrained tag or checkpoint path")
+    p.add_argument("--benchmark", action="append", required=True, metavar="SPEC",
+                   help="a shipped spec name or a spec YAML path; repeatable")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (default: cpu)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
+    p.add_argument("--cache-dir", type=Path,
+                   default=Path(os.environ.get("CLIP_STUDY_CACHE", Path.home() / ".cache" / "clip-study")),
+                   help="cache of generated domains and the offline base model (env CLIP_STUDY_CACHE)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the generated offline domains (default: 0)")
+    p.add_argument("--offline-scale", type=float, default=1.0, help="size of the generated domains, (0, 1]")
+    p.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
+    return p
+
+
+def resolve_weights(model: str, pretrained: str | None, cache_dir: Path) -> str | None:
+    check_model(model, pretrained, where="--model/--pretrained")
+    if model == OFFLINE_MODEL and pretrained is None:  # the same cached model the default study uses
+        from .config import PretrainSection
+        from .pretrain import PretrainSettings, ensure_pretrained
+
+        return str(ensure_pretrained(cache_dir, PretrainSettings(**PretrainSection().model_dump())))
+    return pretrained
+
+
+def evaluate_specs(model_name: str, pretrained: str | None, specs, cache_dir: Path, device: str = "cpu",
+                   batch_size: int = 256, seed: int = 0, scale: float = 1.0) -> dict:
+    """Metrics ``{"<spec name>_<metric>": value}`` of one model on ``specs``."""
+    import torch
+
+    from .zeroshot import evaluate_sets
+
+    lm = load_base_model(model_name, pretrained, device=device)
+    sets = [decode(spec, spec.name, True, cache_dir, lm.preprocess, seed, scale) for spec in specs]
+    with torch.no_grad():
+        metrics, _, _ = evaluate_sets(lm.model, lm.tokenizer, sets, device, detailed=True, batch_size=batch_size)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if not 0 < args.offline_scale <= 1:
+            raise SpecError(f"--offline-scale: must be in (0, 1], got {args.offline_scale}")
+        specs = [load_spec(ref) for ref in args.benchmark]
+        pretrained = resolve_weights(args.model, args.pretrained, args.cache_dir.resolve())
+        t0 = time.time()
+        metrics = evaluate_specs(args.model, pretrained, specs, args.cache_dir.resolve(), args.device,
+                                 args.batch_size, args.data_seed, args.offline_scale)
+    except (SpecError, DataError, ModelError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.model} ({pretrained or 'random init'}), {time.time() - t0:.1f}s")
+    for spec in specs:
+        m = {k.removeprefix(f"{spec.name}_"): v for k, v in metrics.items() if k.startswith(f"{spec.name}_")}
+        if spec.task == "classification":
+            line = (f"  {spec.name:<24} top-1 {m['top1']:.2%} [{m['top1_ci_low']:.2%}, {m['top1_ci_high']:.2%}]  "
+                    f"balanced {m['balanced_accuracy']:.2%}")
+            line += f"  top-5 {m['top5']:.2%}" if "top5" in m else ""
+        else:
+            line = (f"  {spec.name:<24} image->text R@1/5/10 {m['i2t_recall_at_1']:.2%} / {m['i2t_recall_at_5']:.2%} / "
+                    f"{m['i2t_recall_at_10']:.2%}  text->image {m['t2i_recall_at_1']:.2%} / "
+                    f"{m['t2i_recall_at_5']:.2%} / {m['t2i_recall_at_10']:.2%}")
+        print(line + f"  ({int(m['images'])} images)")
+    if args.json:
+        args.json.write_text(json.dumps({"model": args.model, "pretrained": pretrained, "metrics": metrics}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
