@@ -193,6 +193,10 @@ class SearchSection(_Strict):
     max_concurrent: int = Field(2, ge=1)
     seed: int = Field(0, ge=0)
     objective: list[Objective] = Field([Objective(metric="specialized_top1")], min_length=1, max_length=4)
+    # Seed replicates after the sweep: the best `replicate_top` trials (by the first objective; null = all)
+    # are rerun until each configuration has `replicate_seeds` seeds; the summary shows mean +/- sd.
+    replicate_seeds: int = Field(1, ge=1, le=100)
+    replicate_top: Optional[int] = Field(3, ge=1)
 
 
 class EvaluationSection(_Strict):

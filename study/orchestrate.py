@@ -14,8 +14,10 @@ import yaml
 from . import tracking
 from .config import StudyConfig
 from .prepare import Prepared
+from .replicates import REPORTED, format_spreads, pick_best, replicate_configs, spread_metrics, spreads
 from .summary import TrialOutcome, format_summary
-from .sweep import SweepContext, failure_reason, make_tuner, restorable, run_sweep, sweep_path
+from .sweep import (SweepContext, failure_reason, make_replicate_tuner, make_tuner, restorable, run_sweep,
+                    sweep_path)
 from .train_loop import WorkerJob
 
 
@@ -104,11 +106,48 @@ def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, args, state_fi
         print(f"[study] sweep stopped with {len(unfinished)} unfinished trial(s); continue it with the same "
               f"command plus --resume", flush=True)
         return 130
+    spread_lines = []
+    if cfg.search.replicate_seeds > 1:
+        spread = run_replicates(cfg, rows, context, storage, f"{sweep_name}-replicates", args, c, state)
+        if spread is None:
+            return 130
+        spread_lines = format_spreads(spread, state["baseline"])
     c.set_terminated(state["parent_run_id"])
-    print(format_summary(rows, state["baseline"], cfg.name, tracking_uri, state["parent_run_id"],
-                         cfg.multi_objective), flush=True)
+    summary = format_summary(rows, state["baseline"], cfg.name, tracking_uri, state["parent_run_id"],
+                             cfg.multi_objective)
+    print(summary.replace("\nMLflow experiment", "\n" + "\n".join(spread_lines) + "\nMLflow experiment", 1)
+          if spread_lines else summary, flush=True)
     analyse(tracking_uri, cfg.name, state["parent_run_id"], args.output_dir)
     return 0
+
+
+def run_replicates(cfg: StudyConfig, rows: list[TrialOutcome], context: SweepContext, storage: str, name: str,
+                   args, c, state: dict):
+    """Rerun the best configurations with more seeds; log the spread to the parent run. None if interrupted."""
+    from mlflow.entities import Metric
+
+    objective = cfg.search.objective[0]
+    best = pick_best(rows, objective.metric, objective.mode, cfg.search.replicate_top)
+    configs = replicate_configs(best, cfg.search.replicate_seeds)
+    print(f"[study] seed replicates: {len(best)} configuration(s) x {cfg.search.replicate_seeds - 1} more seed(s) "
+          f"= {len(configs)} trial(s)", flush=True)
+    results = run_sweep(lambda: make_replicate_tuner(configs, context, storage, name, args.resume,
+                                                     cfg.search.max_concurrent), args.address)
+    replicate_rows = collect(results)
+    if any(r.status == "UNFINISHED" for r in replicate_rows) or len(replicate_rows) < len(configs):
+        print("[study] replicates stopped before they finished; continue with the same command plus --resume",
+              flush=True)
+        return None
+    spread = spreads(best, replicate_rows)
+    now = int(time.time() * 1000)
+    metrics = spread_metrics(spread)
+    c.log_batch(state["parent_run_id"], metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    table = ["trial_id,seeds," + ",".join(f"{k}_mean,{k}_sd" for k in REPORTED)]
+    for s in spread:
+        table.append(f"{s.trial_id},{s.n}," + ",".join(
+            f"{s.mean(k)},{s.sd(k)}" if k in s.values else "," for k in REPORTED))
+    tracking.log_dict_artifact(c, state["parent_run_id"], None, "replicates.csv", "\n".join(table) + "\n")
+    return spread
 
 
 def analyse(tracking_uri: str, experiment: str, parent_run_id: str, output_dir: Path) -> None:

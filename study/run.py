@@ -37,6 +37,7 @@ EXAMPLES = """examples:
   python -m study.run --smoke-test                     # 2 tiny trials, about a minute
   python -m study.run --space search_spaces/pareto.yaml --trials 16 --max-concurrent 2
   python -m study.run --set lora_rank=8 --set params.learning_rate.high=0.02
+  python -m study.run --seeds 3 --replicate-top 2       # then rerun the best 2 with 3 seeds each
   python -m study.run --resume                         # continue an interrupted sweep
   mlflow ui --backend-store-uri sqlite:///mlflow.db    # browse the runs
 """
@@ -57,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, help="number of trials (same as --set search.trials=N)")
     p.add_argument("--max-concurrent", type=int, help="trials running at once")
     p.add_argument("--workers", type=int, help="Ray Train workers per trial (DDP; gloo on CPU, nccl on GPU)")
+    p.add_argument("--seeds", type=int, metavar="N",
+                   help="after the sweep, rerun the best configurations until each has N seeds and report mean +/- "
+                        "sd (same as --set search.replicate_seeds=N); the sweep trial counts as the first seed")
+    p.add_argument("--replicate-top", metavar="K|all",
+                   help="how many of the best trials --seeds replicates (default: the space's "
+                        "search.replicate_top, 3); 'all' for every finished trial")
     p.add_argument("--name", help="study name = MLflow experiment name (default: the space's 'name')")
     p.add_argument("--smoke-test", action="store_true",
                    help="the tiniest real study: 2 trials, 1 short epoch, tiny data; finishes in about a minute")
@@ -83,8 +90,13 @@ def config_from_args(args):
     overrides = [parse_override(o) for o in args.overrides]
     if args.smoke_test:
         overrides = SMOKE_OVERRIDES + overrides
+    top = args.replicate_top
+    if top is not None:
+        top = None if top == "all" else parse_override(f"x={top}")[1]
+        overrides.append(("search.replicate_top", top))
     for flag, key in ((args.trials, "search.trials"), (args.max_concurrent, "search.max_concurrent"),
-                      (args.workers, "resources.workers_per_trial"), (args.name, "name")):
+                      (args.workers, "resources.workers_per_trial"), (args.name, "name"),
+                      (args.seeds, "search.replicate_seeds")):
         if flag is not None:
             overrides.append((key, flag))
     return load_study_config(args.space, overrides)

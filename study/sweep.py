@@ -29,6 +29,9 @@ class SweepContext(BaseModel):
     gpus_per_worker: float
 
 
+REPLICATE_OF = "replicate_of"  # config key of a replicate trial: the sweep trial whose settings it reruns
+
+
 def tune_space(params: dict) -> dict:
     """Map validated search-space entries to Ray Tune sampling primitives."""
     from ray import tune
@@ -59,12 +62,15 @@ def trial_driver(config: dict, context: dict) -> None:
 
     from .tracking import client, end_trial_run, ensure_trial_run
 
+    config = dict(config.get("replicate", config))  # replicate trials nest theirs under a grid key
+    replicate_of = config.pop(REPLICATE_OF, None)
     settings = TrialSettings.model_validate(config)
     ctx = SweepContext.model_validate(context)
     trial_id = ray.tune.get_context().get_trial_id()
     tracking_uri = ctx.job.tracking_uri
+    tags = {"study.kind": "replicate", "study.replicate_of": replicate_of} if replicate_of else None
     run_id = ensure_trial_run(tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id,
-                              settings.model_dump(), json.dumps(settings.model_dump(), indent=2))
+                              settings.model_dump(), json.dumps(settings.model_dump(), indent=2), tags)
     job = ctx.job.model_copy(update={"settings": settings, "run_id": run_id})
     trainer = TorchTrainer(
         train_fn_per_worker,
@@ -128,6 +134,22 @@ def make_tuner(cfg: StudyConfig, params: dict, context: SweepContext, storage: s
                                   max_concurrent_trials=cfg.search.max_concurrent,
                                   **({} if cfg.multi_objective else {"metric": metrics[0], "mode": modes[0]}))
     return tune.Tuner(trainable, param_space=tune_space(params), tune_config=tune_config,
+                      run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
+                                                failure_config=tune.FailureConfig(max_failures=0)))
+
+
+def make_replicate_tuner(configs: list[dict], context: SweepContext, storage: str, name: str, resume: bool,
+                         max_concurrent: int):
+    """A Tuner that runs each of ``configs`` once (a grid, no searcher): the seed replicates."""
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, context=context.model_dump()),
+                                    {"cpu": 0, "memory": 256 * 2**20})
+    path = sweep_path(storage, name)
+    if resume and restorable(storage, name):
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    return tune.Tuner(trainable, param_space={"replicate": tune.grid_search(configs)},
+                      tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
                       run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
                                                 failure_config=tune.FailureConfig(max_failures=0)))
 

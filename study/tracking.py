@@ -108,13 +108,16 @@ def find_trial_run(c, experiment_id: str, parent_run_id: str, trial_id: str):
 
 
 def ensure_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
-                     params: dict, config_text: str) -> str:
-    """The child run of ``trial_id``: found by tag if it exists (resume), created otherwise."""
+                     params: dict, config_text: str, extra_tags: dict | None = None) -> str:
+    """The child run of ``trial_id``: found by tag if it exists (resume), created otherwise.
+
+    ``extra_tags`` may mark it, e.g. ``{"study.kind": "replicate", "study.replicate_of": <trial id>}``.
+    """
     c = client(tracking_uri)
     run = find_trial_run(c, experiment_id, parent_run_id, trial_id)
     if run is None:
         tags = {"mlflow.parentRunId": parent_run_id, KIND_TAG: "trial", TRIAL_TAG: trial_id,
-                "mlflow.runName": trial_id, "study.status": "RUNNING", **provenance_tags()}
+                "mlflow.runName": trial_id, "study.status": "RUNNING", **provenance_tags(), **(extra_tags or {})}
         run = c.create_run(experiment_id, tags=tags, run_name=trial_id)
         log_params(c, run.info.run_id, flat_params(params))
         log_dict_artifact(c, run.info.run_id, None, "trial_config.json", config_text)

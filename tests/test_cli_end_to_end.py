@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from helpers import mlflow_runs, run_cli
 
 TRIAL_PARAMS = {"learning_rate", "lora_rank", "data_fraction", "tether_weight", "epochs", "batch_size",
@@ -11,17 +12,18 @@ TRIAL_PARAMS = {"learning_rate", "lora_rank", "data_fraction", "tether_weight", 
 
 
 def test_smoke_study_records_parent_baseline_and_one_child_per_trial(tmp_path, smoke_cache):
-    proc = run_cli(["--smoke-test", "--set", "params.epochs=2"], tmp_path, smoke_cache)
+    proc = run_cli(["--smoke-test", "--set", "params.epochs=2", "--seeds", "2", "--replicate-top", "1"],
+                   tmp_path, smoke_cache)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "Study summary" in out and "points vs baseline" in out and "mlflow ui --backend-store-uri" in out
 
     c, runs = mlflow_runs(tmp_path)
     kinds = [r.data.tags.get("study.kind") for r in runs]
-    assert sorted(kinds) == ["baseline", "sweep", "trial", "trial"]
+    assert sorted(kinds) == ["baseline", "replicate", "sweep", "trial", "trial"]
     parent = next(r for r in runs if r.data.tags["study.kind"] == "sweep")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 3
+    assert len(children) == 4
     assert parent.info.run_id in out
     assert parent.data.tags["mlflow.source.git.commit"]
     assert parent.data.tags["version.torch"] and parent.data.tags["version.ray"] == "2.60.0"
@@ -42,6 +44,19 @@ def test_smoke_study_records_parent_baseline_and_one_child_per_trial(tmp_path, s
 
     trials = [r for r in children if r.data.tags["study.kind"] == "trial"]
     assert len({r.data.tags["study.trial_id"] for r in trials}) == 2
+
+    # --seeds 2 --replicate-top 1: the best trial rerun once with the next seed; mean +/- sd reported.
+    rep = next(r for r in children if r.data.tags["study.kind"] == "replicate")
+    best = next(r for r in trials if r.data.tags["study.trial_id"] == rep.data.tags["study.replicate_of"])
+    assert best.data.metrics["specialized_top1"] == max(r.data.metrics["specialized_top1"] for r in trials)
+    assert rep.info.status == "FINISHED" and rep.data.params["seed"] == "1"
+    assert rep.data.params["learning_rate"] == best.data.params["learning_rate"]
+    pm = c.get_run(parent.info.run_id).data.metrics
+    values = [best.data.metrics["specialized_top1"], rep.data.metrics["specialized_top1"]]
+    key = f"replicates/{best.data.tags['study.trial_id']}/specialized_top1"
+    assert pm[f"{key}_mean"] == pytest.approx(sum(values) / 2) and pm[f"{key}_sd"] >= 0
+    assert "seed replicates (mean +/- sd" in out and f"{best.data.tags['study.trial_id']} (n=2)" in out
+    assert "replicates.csv" in {a.path for a in c.list_artifacts(parent.info.run_id)}
     for run in trials:
         assert run.info.status == "FINISHED" and run.data.tags["study.status"] == "FINISHED"
         assert TRIAL_PARAMS <= set(run.data.params), set(run.data.params)

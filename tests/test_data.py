@@ -108,5 +108,5 @@ def test_corrupt_image_is_reported(tmp_path):
     ds = datasets.Dataset.from_dict({"image": [str(p) for p in imgs]}).cast_column("image", datasets.Image())
     with pytest.raises(DataError, match="data.finetune: 1 of 3 images cannot be decoded .*first: image 1"):
         images_to_tensor(ds, "image", lambda im: np.asarray(im), where="data.finetune")
-    images, kept = images_to_tensor(ds, "image", lambda im: torch.from_numpy(np.asarray(im)), max_bad_share=0.5)
+    images, kept = images_to_tensor(ds, "image", lambda im: torch.from_numpy(np.array(im)), max_bad_share=0.5)
     assert kept == [0, 2] and len(images) == 2

@@ -1,0 +1,82 @@
+"""Seed replicates: rerun the sweep's best configurations with other seeds and report mean +/- sd.
+
+A configuration's N seeds are the sweep trial itself (its own ``seed``) and N - 1 replicate trials
+with ``seed + 1 ... seed + N - 1``. Only the training randomness changes (adapter initialisation, batch
+order); the data-fraction subset stays the same nested subset, so the spread is the seed's alone.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from .summary import TrialOutcome
+from .sweep import REPLICATE_OF
+
+REPORTED = ("specialized_top1", "general_top1", "specialized_top1_gain", "general_top1_change",
+            "wiseft_best_specialized_top1", "wiseft_best_general_top1")
+
+
+def pick_best(rows: list[TrialOutcome], metric: str, mode: str, top: int | None) -> list[TrialOutcome]:
+    """The ``top`` finished trials by ``metric`` (all of them when ``top`` is None)."""
+    done = [r for r in rows if r.status == "TERMINATED" and metric in r.metrics]
+    done.sort(key=lambda r: r.metrics[metric], reverse=mode == "max")
+    return done if top is None else done[:top]
+
+
+def replicate_configs(best: list[TrialOutcome], seeds: int) -> list[dict]:
+    """One Tune config per extra seed of each chosen trial, tagged with the trial it replicates."""
+    out = []
+    for r in best:
+        base_seed = int(r.config.get("seed", 0))
+        out += [{**r.config, "seed": base_seed + k, REPLICATE_OF: r.trial_id} for k in range(1, seeds)]
+    return out
+
+
+@dataclass
+class Spread:
+    trial_id: str
+    config: dict
+    n: int
+    values: dict[str, list[float]]  # metric -> one value per seed (the sweep trial's first)
+
+    def mean(self, key: str) -> float:
+        return statistics.fmean(self.values[key])
+
+    def sd(self, key: str) -> float:
+        return statistics.stdev(self.values[key]) if len(self.values[key]) > 1 else float("nan")
+
+
+def spreads(best: list[TrialOutcome], replicate_rows: list[TrialOutcome]) -> list[Spread]:
+    """Per chosen trial: its metrics and those of its finished replicates."""
+    out = []
+    for r in best:
+        runs = [r] + [x for x in replicate_rows if x.status == "TERMINATED"
+                      and x.config.get("replicate", x.config).get(REPLICATE_OF) == r.trial_id]
+        values = {k: [x.metrics[k] for x in runs if k in x.metrics] for k in REPORTED}
+        out.append(Spread(r.trial_id, r.config, len(runs), {k: v for k, v in values.items() if v}))
+    return out
+
+
+def format_spreads(items: list[Spread], baseline: dict) -> list[str]:
+    lines = ["seed replicates (mean +/- sd over seeds; sweep trial + replicates):"]
+    for s in items:
+        line = f"  {s.trial_id} (n={s.n}): specialized {s.mean('specialized_top1'):.1%} +/- {s.sd('specialized_top1'):.1%}"
+        if "general_top1" in s.values:
+            line += f", general {s.mean('general_top1'):.1%} +/- {s.sd('general_top1'):.1%}"
+        if "specialized_top1" in baseline:
+            line += f" (gain {(s.mean('specialized_top1') - baseline['specialized_top1']) * 100:+.1f} points)"
+        lines.append(line)
+    return lines
+
+
+def spread_metrics(items: list[Spread]) -> dict[str, float]:
+    """Flat metrics for the parent run: ``replicates/<trial>/<metric>_mean|_sd`` and ``_n``."""
+    out = {}
+    for s in items:
+        out[f"replicates/{s.trial_id}/n"] = s.n
+        for k in s.values:
+            out[f"replicates/{s.trial_id}/{k}_mean"] = s.mean(k)
+            if s.n > 1:
+                out[f"replicates/{s.trial_id}/{k}_sd"] = s.sd(k)
+    return out
