@@ -27,7 +27,7 @@ SPECS_DIR = Path(__file__).resolve().parent / "benchmark_specs"
 Task = Literal["classification", "retrieval"]
 
 
-class SpecError(ValueError):
+class SpecError(DataError):
     """A benchmark spec that cannot be used; ``str()`` is one line naming the spec file and field."""
 
 
@@ -108,6 +108,7 @@ def spec_from_dict(raw: dict, origin: str, default_name: str) -> BenchmarkSpec:
     """Validate a spec mapping; errors read ``<origin>: <field>: <problem>``."""
     if not isinstance(raw, dict):
         raise SpecError(f"{origin}: expected a mapping, got {type(raw).__name__}")
+    origin = raw.get("origin") or origin  # a spec resolved earlier keeps the file it came from
     try:
         spec = BenchmarkSpec.model_validate({**raw, "origin": origin})
     except ValidationError as err:

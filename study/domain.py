@@ -12,7 +12,7 @@ import torch
 
 from .benchmarks import EvalSet, check, decode
 from .config import ROLES, DataSection, FinetuneData
-from .data import images_to_tensor, load_source, nested_subset, require_columns
+from .data import fingerprint, images_to_tensor, load_source, nested_subset, require_columns
 
 
 def load_finetune_split(spec: FinetuneData, data: DataSection, cache_dir: Path, where="data.finetune"):
@@ -22,15 +22,45 @@ def load_finetune_split(spec: FinetuneData, data: DataSection, cache_dir: Path, 
     return ds
 
 
-def finetune_tensors(spec: FinetuneData, data: DataSection, cache_dir: Path, fraction: float,
-                     preprocess, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """The nested ``fraction`` subset as ``(images [N,3,H,W], tokens [N,L])``; undecodable images skipped."""
+def decoded_finetune(spec: FinetuneData, data: DataSection, cache_dir: Path, preprocess) -> dict:
+    """Every fine-tuning image decoded once per study: ``{"images" [K,3,H,W], "kept" [K] row indices,
+    "captions" [n], "rows" n}``.
+
+    The driver calls this before Ray starts (so broken images stop the study there, with the count);
+    the result is cached under ``<cache>/eval/`` (up to 2 GiB), so trials load instead of decoding.
+    """
+    local = Path(spec.source).expanduser()
+    key = fingerprint(spec.model_dump_json(), repr(preprocess), data.seed, data.offline_scale,
+                      local.stat().st_mtime if local.exists() else "")
+    path = Path(cache_dir) / "eval" / f"finetune-{key}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
     ds = load_finetune_split(spec, data, cache_dir)
-    ds = ds.select(nested_subset(len(ds), fraction, data.seed).tolist())
     images, kept = images_to_tensor(ds, spec.image_column, preprocess, where="data.finetune",
                                     max_bad_share=spec.max_undecodable_share)
-    captions = ds[spec.caption_column]
-    return images, tokenizer([str(captions[i]) for i in kept])
+    if len(kept) < len(ds):
+        print(f"[data] data.finetune: skipped {len(ds) - len(kept)} of {len(ds)} images that cannot be decoded "
+              f"(max_undecodable_share {spec.max_undecodable_share})", flush=True)
+    out = {"images": images, "kept": kept, "captions": [str(c) for c in ds[spec.caption_column]], "rows": len(ds)}
+    if images.numel() * images.element_size() <= 2 * 2**30:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(out, tmp)
+        tmp.replace(path)  # atomic: concurrent trials never read a half-written file
+    return out
+
+
+def finetune_tensors(spec: FinetuneData, data: DataSection, cache_dir: Path, fraction: float,
+                     preprocess, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nested ``fraction`` subset as ``(images [N,3,H,W], tokens [N,L])``; undecodable images skipped.
+
+    The subset is drawn over the split's rows (not the decodable ones), so it stays nested and the
+    same whatever fails to decode.
+    """
+    d = decoded_finetune(spec, data, cache_dir, preprocess)
+    position = {row: i for i, row in enumerate(d["kept"])}
+    rows = [int(r) for r in nested_subset(d["rows"], fraction, data.seed) if int(r) in position]
+    return d["images"][[position[r] for r in rows]], tokenizer([d["captions"][r] for r in rows])
 
 
 def check_benchmarks(data: DataSection, cache_dir: Path) -> dict[str, int]:

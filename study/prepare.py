@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .config import StudyConfig
-from .domain import check_benchmarks, eval_sets, load_finetune_split
+from .domain import check_benchmarks, decoded_finetune, eval_sets, load_finetune_split
 from .models import OFFLINE_MODEL, check_model, load_base_model, model_id
 from .zeroshot import FeatureCache, evaluate_sets
 
@@ -58,6 +58,7 @@ def prepare(cfg: StudyConfig, cache_dir: Path) -> Prepared:
     pretrained = resolve_pretrained(cfg, cache_dir)
     torch.manual_seed(0)
     lm = load_base_model(cfg.model.name, pretrained)
+    decoded_finetune(cfg.data.finetune, cfg.data, cache_dir, lm.preprocess)  # undecodable images stop us here
     sets = eval_sets(cfg.data, cache_dir, lm.preprocess)
     baseline, confusions, predictions = evaluate_sets(
         lm.model, lm.tokenizer, sets, "cpu", detailed=True, cache=feature_cache(cache_dir, cfg.model.name, pretrained),

@@ -104,3 +104,38 @@ def test_malformed_space_file(guarded, smoke_cache, tmp_path):
 def test_resume_without_a_sweep(guarded, smoke_cache):
     code, err = guarded("--cache-dir", str(smoke_cache), "--resume")
     assert code == 2 and "--resume: no sweep" in one_line(err)
+
+
+def test_undecodable_finetune_images_above_the_share(guarded, smoke_cache, tmp_path):
+    path = _csv(tmp_path, "filepath,caption", corrupt=True)  # 1 of 4 broken: 25% > the default 1%
+    code, err = guarded("--cache-dir", str(smoke_cache), "--set", f"data.finetune.source={path}")
+    assert code == 2
+    assert "data.finetune: 1 of 4 images cannot be decoded (max_undecodable_share 0.01); first: image 2" in one_line(err)
+
+
+def _bench_spec(tmp_path: Path, extra: str = "", corrupt: bool = False) -> Path:
+    csv = _csv(tmp_path, "filepath,label", corrupt=corrupt)
+    csv.write_text(csv.read_text().replace("a red square ", ""))  # label column: 0..3
+    spec = tmp_path / "slides.yaml"
+    spec.write_text(f"name: slides\nsource: {csv}\nsplit: train\nclassnames: [a, b, c, d]\n"
+                    f"templates: ['a slide of {{c}}']\n{extra}")
+    return spec
+
+
+def test_benchmark_spec_with_a_missing_column(guarded, smoke_cache, tmp_path):
+    spec = _bench_spec(tmp_path, "label_column: diagnosis\n")
+    code, err = guarded("--cache-dir", str(smoke_cache), "--set", f"data.specialized=[{spec}]")
+    assert code == 2 and f"{spec}: label_column: column 'diagnosis' not in split 'train'" in one_line(err)
+
+
+def test_benchmark_spec_with_undecodable_images(guarded, smoke_cache, tmp_path):
+    spec = _bench_spec(tmp_path, corrupt=True)
+    code, err = guarded("--cache-dir", str(smoke_cache), "--set", f"data.specialized=[{spec}]")
+    assert code == 2 and f"{spec}: 1 of 4 images cannot be decoded" in one_line(err)
+
+
+def test_benchmark_spec_template_without_slot(guarded, smoke_cache, tmp_path):
+    spec = _bench_spec(tmp_path, "templates: ['a slide']\n".replace("templates", "description: x\ntemplates"))
+    spec.write_text(spec.read_text().replace("templates: ['a slide of {c}']\n", ""))
+    code, err = guarded("--cache-dir", str(smoke_cache), "--set", f"data.general=[shapes, {spec}]")
+    assert code == 2 and f"{spec}: templates: template 'a slide' has no '{{c}}' slot" in one_line(err)

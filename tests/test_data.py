@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 
 from study.data import DataError, images_to_tensor, load_source, nested_subset, require_columns
@@ -110,3 +110,20 @@ def test_corrupt_image_is_reported(tmp_path):
         images_to_tensor(ds, "image", lambda im: np.asarray(im), where="data.finetune")
     images, kept = images_to_tensor(ds, "image", lambda im: torch.from_numpy(np.array(im)), max_bad_share=0.5)
     assert kept == [0, 2] and len(images) == 2
+
+
+def test_finetune_subset_skips_undecodable_rows_and_keeps_captions_aligned(tmp_path):
+    from study.config import DataSection, FinetuneData
+    from study.domain import finetune_tensors
+
+    imgs = _images(tmp_path / "imgs", 4)
+    imgs[2].write_bytes(b"garbage")
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("filepath,caption\n" + "".join(f"imgs/{p.name},caption {i}\n" for i, p in enumerate(imgs)))
+    spec = FinetuneData(source=str(csv), max_undecodable_share=0.5)
+    images, captions = finetune_tensors(spec, DataSection(finetune=spec), tmp_path, 1.0,
+                                        lambda im: torch.from_numpy(np.array(im, dtype=np.float32)), lambda xs: xs)
+    assert len(images) == 3 and captions == ["caption 0", "caption 1", "caption 3"]
+    half, _ = finetune_tensors(spec, DataSection(finetune=spec), tmp_path, 0.5,
+                               lambda im: torch.from_numpy(np.array(im, dtype=np.float32)), lambda xs: xs)
+    assert len(half) <= 2  # the nested subset is drawn over rows, broken ones then dropped
