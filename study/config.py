@@ -211,7 +211,9 @@ class EvaluationSection(_Strict):
 class ResourcesSection(_Strict):
     workers_per_trial: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1, gt=0)
-    gpus_per_worker: float = Field(0, ge=0)
+    gpus_per_worker: float = Field(0, ge=0)  # a fraction (e.g. 0.25) packs several small trials on one GPU
+    # Lost workers or nodes a trial recovers from, each time from its last epoch checkpoint (-1: no limit).
+    max_failures: int = Field(2, ge=-1)
 
 
 class StudyConfig(_Strict):

@@ -89,7 +89,8 @@ def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, args, state_fi
     context = SweepContext(job=job, experiment_id=state["experiment_id"], parent_run_id=state["parent_run_id"],
                            train_storage=f"{sweep_path(storage, sweep_name)}/train",
                            workers_per_trial=cfg.resources.workers_per_trial,
-                           gpus_per_worker=cfg.resources.gpus_per_worker)
+                           gpus_per_worker=cfg.resources.gpus_per_worker,
+                           max_failures=cfg.resources.max_failures)
     # Save Tune's experiment state at every step (it is tiny), so a killed driver loses as little as
     # possible: a trial Tune never recorded would be sampled again under a new id on resume.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")

@@ -27,6 +27,7 @@ class SweepContext(BaseModel):
     train_storage: str
     workers_per_trial: int
     gpus_per_worker: float
+    max_failures: int = 2
 
 
 REPLICATE_OF = "replicate_of"  # config key of a replicate trial: the sweep trial whose settings it reruns
@@ -60,7 +61,7 @@ def trial_driver(config: dict, context: dict) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .tracking import client, end_trial_run, ensure_trial_run
+    from .tracking import client, end_trial_run, ensure_trial_run, retrying
 
     config = dict(config.get("replicate", config))  # replicate trials nest theirs under a grid key
     replicate_of = config.pop(REPLICATE_OF, None)
@@ -69,8 +70,9 @@ def trial_driver(config: dict, context: dict) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     tracking_uri = ctx.job.tracking_uri
     tags = {"study.kind": "replicate", "study.replicate_of": replicate_of} if replicate_of else None
-    run_id = ensure_trial_run(tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id,
-                              settings.model_dump(), json.dumps(settings.model_dump(), indent=2), tags)
+    run_id = retrying(lambda: ensure_trial_run(tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id,
+                                               settings.model_dump(), json.dumps(settings.model_dump(), indent=2),
+                                               tags), what="opening the trial's MLflow run")
     job = ctx.job.model_copy(update={"settings": settings, "run_id": run_id})
     trainer = TorchTrainer(
         train_fn_per_worker,
@@ -83,15 +85,19 @@ def trial_driver(config: dict, context: dict) -> None:
             name=f"train-{trial_id}",  # deterministic: a retried driver resumes from its checkpoints
             storage_path=ctx.train_storage,
             callbacks=[TuneReportCallback()],
-            failure_config=ray.train.FailureConfig(max_failures=0),
+            # Lost workers or nodes: restart the worker group and resume from the last checkpoint. A
+            # non-finite loss fails the same way on every retry, so it costs only those few restarts.
+            failure_config=ray.train.FailureConfig(max_failures=ctx.max_failures),
         ),
     )
     try:
         trainer.fit()
     except Exception as exc:
-        end_trial_run(client(tracking_uri), run_id, "FAILED", reason=failure_reason(exc))
+        reason = failure_reason(exc)
+        retrying(lambda: end_trial_run(client(tracking_uri), run_id, "FAILED", reason=reason),
+                 what="closing the trial's MLflow run")
         raise
-    end_trial_run(client(tracking_uri), run_id, "FINISHED")
+    retrying(lambda: end_trial_run(client(tracking_uri), run_id, "FINISHED"), what="closing the trial's MLflow run")
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -103,9 +109,49 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+def progress_callback():
+    """One line per epoch and per finished trial, instead of Tune's tables of every metric."""
+    from ray import tune
+
+    class Progress(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "specialized_top1" not in result:
+                return
+            line = (f"[trial {trial.trial_id}] epoch {result.get('epoch')}: specialized "
+                    f"{result['specialized_top1']:.1%}, general {result.get('general_top1', float('nan')):.1%}, "
+                    f"loss {result.get('train_loss', float('nan')):.3f}")
+            if "wiseft_best_alpha" in result:
+                line += f", WiSE-FT best alpha {result['wiseft_best_alpha']:g}"
+            print(line, flush=True)
+
+        finished = 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.finished += 1
+            print(f"[trial {trial.trial_id}] finished ({self.finished} this session)", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"[trial {trial.trial_id}] failed; see its MLflow run's study.failure_reason tag", flush=True)
+
+    return Progress()
+
+
 def sweep_path(storage: str, name: str) -> str:
     """Where Tune keeps the sweep's state: ``<storage_path>/<name>`` (a local path or a URI)."""
     return f"{storage.rstrip('/')}/{name}"
+
+
+def driver_trainable(context: SweepContext):
+    """The Tune trainable: :func:`trial_driver` with the study context, placed on the head node.
+
+    The driver only waits on its TorchTrainer, so it holds no CPU (the workers do). Pinning it to the
+    head means losing a worker node never kills a driver: Train restarts the lost workers elsewhere.
+    """
+    from ray import tune
+
+    bundle = {"CPU": 0, "memory": 256 * 2**20, "node:__internal_head__": 0.001}
+    return tune.with_resources(tune.with_parameters(trial_driver, context=context.model_dump()),
+                               tune.PlacementGroupFactory([bundle]))
 
 
 def make_tuner(cfg: StudyConfig, params: dict, context: SweepContext, storage: str, name: str,
@@ -115,10 +161,7 @@ def make_tuner(cfg: StudyConfig, params: dict, context: SweepContext, storage: s
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    # The driver only waits on its TorchTrainer, so it holds no CPU (the workers do); Tune needs a
-    # non-empty bundle, so it reserves a little memory instead.
-    trainable = tune.with_resources(tune.with_parameters(trial_driver, context=context.model_dump()),
-                                    {"cpu": 0, "memory": 256 * 2**20})
+    trainable = driver_trainable(context)
     path = sweep_path(storage, name)
     if resume:
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
@@ -134,7 +177,8 @@ def make_tuner(cfg: StudyConfig, params: dict, context: SweepContext, storage: s
                                   max_concurrent_trials=cfg.search.max_concurrent,
                                   **({} if cfg.multi_objective else {"metric": metrics[0], "mode": modes[0]}))
     return tune.Tuner(trainable, param_space=tune_space(params), tune_config=tune_config,
-                      run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
+                      run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
+                                                callbacks=[progress_callback()],
                                                 failure_config=tune.FailureConfig(max_failures=0)))
 
 
@@ -143,14 +187,14 @@ def make_replicate_tuner(configs: list[dict], context: SweepContext, storage: st
     """A Tuner that runs each of ``configs`` once (a grid, no searcher): the seed replicates."""
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(trial_driver, context=context.model_dump()),
-                                    {"cpu": 0, "memory": 256 * 2**20})
+    trainable = driver_trainable(context)
     path = sweep_path(storage, name)
     if resume and restorable(storage, name):
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     return tune.Tuner(trainable, param_space={"replicate": tune.grid_search(configs)},
                       tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
-                      run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
+                      run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
+                                                callbacks=[progress_callback()],
                                                 failure_config=tune.FailureConfig(max_failures=0)))
 
 

@@ -159,26 +159,84 @@ def log_confusion(c, run_id: str, bench: str, matrix, classnames: list[str]) -> 
         c.log_artifact(run_id, str(path), "eval")
 
 
-class TrialLogger:
-    """Rank 0's view of its trial's run: per-epoch metrics, final metrics, adapter weights."""
+def retrying(fn, *, what: str, timeout: float = 900.0, first_wait: float = 1.0):
+    """Call ``fn`` until it succeeds or ``timeout`` seconds pass (then re-raise): rides out a tracking
+    server that is restarting or briefly unreachable."""
+    deadline, wait = time.monotonic() + timeout, first_wait
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if time.monotonic() + wait > deadline:
+                raise
+            print(f"[mlflow] {what} failed ({type(exc).__name__}); retrying in {wait:.0f}s", flush=True)
+            time.sleep(wait)
+            wait = min(wait * 2, 15.0)
 
-    def __init__(self, tracking_uri: str, run_id: str):
+
+class TrialLogger:
+    """Rank 0's view of its trial's run: per-epoch metrics, confusion matrices, final metrics, adapter.
+
+    Writes go through a queue drained by a background thread that retries until the server answers,
+    so training never waits on MLflow, and an outage of the tracking server only delays the records.
+    :meth:`close` waits for the queue to drain. Steps an earlier attempt of the trial already
+    recorded are never logged twice.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, flush_timeout: float = 1800.0):
+        import queue
+        import threading
+
         self.c = client(tracking_uri)
         self.run_id = run_id
-        # Steps already recorded by an earlier attempt of this trial: never log them twice.
-        self.logged_steps = {m.step for m in self.c.get_metric_history(run_id, "train_loss")}
+        self.flush_timeout = flush_timeout
+        self.logged_steps: set[int] | None = None  # read from the run by the writer thread, before its first write
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._drain, name="mlflow-trial-logger", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                retrying(item, what="MLflow logging", timeout=self.flush_timeout)
+            except BaseException as exc:  # surfaced by close(); later items still get their chance
+                self.error = exc
+            finally:
+                self._queue.task_done()
+
+    def _recorded_steps(self) -> set[int]:
+        if self.logged_steps is None:
+            self.logged_steps = {m.step for m in self.c.get_metric_history(self.run_id, "train_loss")}
+        return self.logged_steps
 
     def log_epoch(self, metrics: dict, step: int) -> None:
         from mlflow.entities import Metric
 
-        if step in self.logged_steps:
-            return
         now = int(time.time() * 1000)
-        self.c.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-        self.logged_steps.add(step)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+
+        def write():
+            if step in self._recorded_steps():
+                return
+            for i in range(0, len(batch), 500):  # MLflow's per-request limit is 1000 metrics
+                self.c.log_batch(self.run_id, metrics=batch[i:i + 500])
+            self.logged_steps.add(step)
+
+        self._queue.put(write)
+
+    def log_resume(self, epoch: int) -> None:
+        """A retried attempt resumed from the checkpoint of ``epoch``: metric ``resumed_from_epoch``."""
+        from mlflow.entities import Metric
+
+        metric = Metric("resumed_from_epoch", float(epoch), int(time.time() * 1000), epoch)
+        self._queue.put(lambda: self.c.log_batch(self.run_id, metrics=[metric]))
 
     def log_confusion(self, bench: str, matrix, classnames: list[str]) -> None:
-        log_confusion(self.c, self.run_id, bench, matrix, classnames)
+        self._queue.put(lambda: log_confusion(self.c, self.run_id, bench, matrix, classnames))
 
     def log_final(self, model, metrics: dict) -> None:
         from mlflow.entities import Metric
@@ -186,6 +244,24 @@ class TrialLogger:
         from .adapters import save_adapter
 
         now = int(time.time() * 1000)
-        self.c.log_batch(self.run_id, metrics=[Metric(f"final/{k}", float(v), now, 0) for k, v in metrics.items()])
-        with tempfile.TemporaryDirectory() as tmp:
-            self.c.log_artifacts(self.run_id, str(save_adapter(model, Path(tmp) / "adapter")), "adapter")
+        final = [Metric(f"final/{k}", float(v), now, 0) for k, v in metrics.items()]
+        tmp = tempfile.mkdtemp(prefix="adapter-")
+        folder = save_adapter(model, Path(tmp) / "adapter")  # now, while the weights are the final ones
+
+        def write():
+            for i in range(0, len(final), 500):
+                self.c.log_batch(self.run_id, metrics=final[i:i + 500])
+            self.c.log_artifacts(self.run_id, str(folder), "adapter")
+
+        self._queue.put(write)
+
+    def close(self, raise_errors: bool = True, timeout: float | None = None) -> None:
+        """Wait until every queued record reached MLflow; raise if one never did."""
+        self._queue.put(None)
+        self._thread.join(self.flush_timeout if timeout is None else timeout)
+        if not raise_errors:
+            return
+        if self._thread.is_alive():
+            raise TimeoutError(f"MLflow records of run {self.run_id} not written after {self.flush_timeout:.0f}s")
+        if self.error is not None:
+            raise self.error

@@ -8,6 +8,7 @@ W workers computes the same loss and the same updates as a run on one.
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
@@ -123,6 +124,8 @@ def train_fn_per_worker(config: dict) -> None:
 
     job = WorkerJob.model_validate(config)
     s = job.settings
+    # Ray Train logs every report with all its metrics at INFO; the study prints its own progress.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(job.cpus_per_worker)))
@@ -169,62 +172,71 @@ def train_fn_per_worker(config: dict) -> None:
     clip = unwrap(model)
 
     metrics = None
-    for epoch in range(start_epoch, s.epochs):
-        t0 = time.time()
-        model.train()
-        perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(s.seed * 1000 + epoch))
-        total = 0.0
-        for step in range(steps_per_epoch):
-            idx = perm[step * global_batch:(step + 1) * global_batch][rank::world]
-            img, txt = images[idx].to(device), tokens[idx].to(device)
-            with autocast:
-                img_f, txt_f, scale = model(img, txt)
-                loss = loss_fn(img_f, txt_f, scale)
-                if s.tether_weight > 0:
-                    loss = loss + s.tether_weight * (tether_loss(img_f, teacher_img[idx].to(device))
-                                                     + tether_loss(txt_f, teacher_txt[idx].to(device)))
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            with torch.no_grad():  # as in open_clip's training loop
-                clip.logit_scale.clamp_(0, math.log(100))
-            total += loss.item()
+    if logger and start_epoch:  # a retried attempt (worker or node lost): say where it resumed
+        logger.log_resume(start_epoch)
+    try:
+        for epoch in range(start_epoch, s.epochs):
+            t0 = time.time()
+            model.train()
+            perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(s.seed * 1000 + epoch))
+            total = 0.0
+            for step in range(steps_per_epoch):
+                idx = perm[step * global_batch:(step + 1) * global_batch][rank::world]
+                img, txt = images[idx].to(device), tokens[idx].to(device)
+                with autocast:
+                    img_f, txt_f, scale = model(img, txt)
+                    loss = loss_fn(img_f, txt_f, scale)
+                    if s.tether_weight > 0:
+                        loss = loss + s.tether_weight * (tether_loss(img_f, teacher_img[idx].to(device))
+                                                         + tether_loss(txt_f, teacher_txt[idx].to(device)))
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                with torch.no_grad():  # as in open_clip's training loop
+                    clip.logit_scale.clamp_(0, math.log(100))
+                total += loss.item()
 
-        if world > 1:  # each rank's tether term covers its shard only: average to the global loss
-            summed = torch.tensor([total], dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(summed)
-            total = summed.item() / world
-        metrics = {"epoch": epoch + 1, "train_loss": total / steps_per_epoch, "train_pairs": len(images),
-                   "steps": (epoch + 1) * steps_per_epoch}
-        confusions = {}
-        if rank == 0:
-            final = epoch + 1 == s.epochs
-            t_eval = time.time()
-            # At the last epoch: intervals, per-class recall and the paired test against the baseline.
-            values, confusions, _ = evaluate_sets(clip, lm.tokenizer, sets, device, detailed=final, cache=cache,
-                                                  baseline_predictions=job.baseline_predictions, seed=s.seed, **frozen)
-            metrics.update(values)
-            metrics.update(gains(values, job.baseline))
-            metrics["weight_change_norm"] = weight_change_norm(model, initial)
-            if final and job.evaluation.wiseft_alphas:
-                metrics.update(wiseft_curve(job, trainable_state(model), initial, sets, device))
-            metrics["eval_seconds"] = time.time() - t_eval
-            metrics["epoch_seconds"] = time.time() - t0
-            if logger:
-                logger.log_epoch(metrics, step=epoch + 1)
-                for name, (matrix, classnames) in confusions.items():
-                    logger.log_confusion(name, matrix, classnames)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
+            if world > 1:  # each rank's tether term covers its shard only: average to the global loss
+                summed = torch.tensor([total], dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(summed)
+                total = summed.item() / world
+            metrics = {"epoch": epoch + 1, "train_loss": total / steps_per_epoch, "train_pairs": len(images),
+                       "steps": (epoch + 1) * steps_per_epoch}
+            confusions = {}
             if rank == 0:
-                torch.save({"trainable": trainable_state(model), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "epoch": epoch + 1, "initial": initial},
-                           Path(tmp) / "state.pt")
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics if rank == 0 else {}, checkpoint=ckpt)
-    if logger and metrics is not None:
-        logger.log_final(model, metrics)
+                final = epoch + 1 == s.epochs
+                t_eval = time.time()
+                # At the last epoch: intervals, per-class recall and the paired test against the baseline.
+                values, confusions, _ = evaluate_sets(clip, lm.tokenizer, sets, device, detailed=final, cache=cache,
+                                                      baseline_predictions=job.baseline_predictions, seed=s.seed, **frozen)
+                metrics.update(values)
+                metrics.update(gains(values, job.baseline))
+                metrics["weight_change_norm"] = weight_change_norm(model, initial)
+                if final and job.evaluation.wiseft_alphas:
+                    metrics.update(wiseft_curve(job, trainable_state(model), initial, sets, device))
+                metrics["eval_seconds"] = time.time() - t_eval
+                metrics["epoch_seconds"] = time.time() - t0
+                if logger:
+                    logger.log_epoch(metrics, step=epoch + 1)
+                    for name, (matrix, classnames) in confusions.items():
+                        logger.log_confusion(name, matrix, classnames)
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt = None
+                if rank == 0:
+                    torch.save({"trainable": trainable_state(model), "optimizer": opt.state_dict(),
+                                "scheduler": sched.state_dict(), "epoch": epoch + 1, "initial": initial},
+                               Path(tmp) / "state.pt")
+                    ckpt = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(metrics if rank == 0 else {}, checkpoint=ckpt)
+    except BaseException:
+        if logger:  # keep what was recorded before the failure
+            logger.close(raise_errors=False, timeout=120)
+        raise
+    if logger:
+        if metrics is not None:
+            logger.log_final(model, metrics)
+        logger.close()
