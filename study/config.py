@@ -188,10 +188,25 @@ class DataSection(_Strict):
         return [primary] + [s for s in specs if s is not primary]
 
 
+class EarlyStopping(_Strict):
+    """ASHA: stop the trials that trail at each rung (epochs grace_period, x reduction_factor, ...)."""
+
+    type: Literal["asha"] = "asha"
+    metric: Optional[Literal[METRICS + ("train_loss",)]] = None  # type: ignore[valid-type]  # default: first objective
+    mode: Optional[Literal["max", "min"]] = None
+    grace_period: int = Field(1, ge=1)  # epochs every trial gets
+    reduction_factor: float = Field(3, gt=1)
+
+
 class SearchSection(_Strict):
     trials: int = Field(8, ge=1)
-    max_concurrent: int = Field(2, ge=1)
+    # Trials at once; "auto" fits as many as the cluster's free CPUs/GPUs hold when the sweep starts.
+    max_concurrent: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = 2
     seed: int = Field(0, ge=0)
+    early_stopping: Optional[EarlyStopping] = None  # e.g. {type: asha, grace_period: 1} for large sweeps
+    # Optuna storage URL (e.g. sqlite:///optuna.db) to watch the search with optuna-dashboard; in-memory
+    # when null. Give a database password through the OPTUNA_STORAGE environment variable, not here.
+    optuna_storage: Optional[str] = None
     objective: list[Objective] = Field([Objective(metric="specialized_top1")], min_length=1, max_length=4)
     # Seed replicates after the sweep: the best `replicate_top` trials (by the first objective; null = all)
     # are rerun until each configuration has `replicate_seeds` seeds; the summary shows mean +/- sd.

@@ -94,6 +94,9 @@ def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, args, state_fi
     # Save Tune's experiment state at every step (it is tiny), so a killed driver loses as little as
     # possible: a trial Tune never recorded would be sampled again under a new id on resume.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    # A trial stopped early is blocked inside TorchTrainer.fit(), so a graceful stop never returns; kill its
+    # actor after a few seconds (Tune waits 600 s by default), which ends its Train run and frees its workers.
+    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "5")
     results = run_sweep(lambda: make_tuner(cfg, params, context, storage, sweep_name, resume=args.resume),
                         args.address)
     rows = collect(results)
@@ -102,6 +105,11 @@ def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, args, state_fi
     if orphans:
         print(f"[study] {len(orphans)} MLflow run(s) of trials that Tune never recorded before the interruption "
               f"were marked ORPHANED: {', '.join(orphans)}", flush=True)
+    stopped = tracking.close_stopped_runs(c, state["experiment_id"], state["parent_run_id"],
+                                          {r.trial_id for r in rows if r.status == "TERMINATED"})
+    if stopped:
+        print(f"[study] early stopping ended {len(stopped)} trial(s) before their last epoch: {', '.join(stopped)}",
+              flush=True)
     unfinished = [r for r in rows if r.status == "UNFINISHED"]
     if unfinished or len(rows) < cfg.search.trials:
         print(f"[study] sweep stopped with {len(unfinished)} unfinished trial(s); continue it with the same "
@@ -132,8 +140,8 @@ def run_replicates(cfg: StudyConfig, rows: list[TrialOutcome], context: SweepCon
     configs = replicate_configs(best, cfg.search.replicate_seeds)
     print(f"[study] seed replicates: {len(best)} configuration(s) x {cfg.search.replicate_seeds - 1} more seed(s) "
           f"= {len(configs)} trial(s)", flush=True)
-    results = run_sweep(lambda: make_replicate_tuner(configs, context, storage, name, args.resume,
-                                                     cfg.search.max_concurrent), args.address)
+    results = run_sweep(lambda: make_replicate_tuner(configs, context, storage, name, args.resume, cfg),
+                        args.address)
     replicate_rows = collect(results)
     if any(r.status == "UNFINISHED" for r in replicate_rows) or len(replicate_rows) < len(configs):
         print("[study] replicates stopped before they finished; continue with the same command plus --resume",

@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=Path, default=Path("outputs"),
                    help="Ray Tune/Train storage (checkpoints, experiment state) and sweep state; on a cluster, "
                         "a shared path or s3:// URI is set with --storage-path")
-    p.add_argument("--storage-path", help="Ray storage_path override (e.g. s3://bucket/prefix on a cluster)")
+    p.add_argument("--storage-path", default=os.environ.get("CLIP_STUDY_STORAGE_PATH"),
+                   help="Ray storage_path for checkpoints and sweep state, shared by all nodes (e.g. "
+                        "s3://bucket/prefix on a cluster; env CLIP_STUDY_STORAGE_PATH); default: under --output-dir")
     p.add_argument("--cache-dir", type=Path,
                    default=Path(os.environ.get("CLIP_STUDY_CACHE", Path.home() / ".cache" / "clip-study")),
                    help="where the generated domains and the pretrained offline base model are cached "

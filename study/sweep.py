@@ -9,6 +9,7 @@ Results reach Tune through ``TuneReportCallback`` (the Train V2 pattern).
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -77,10 +78,7 @@ def trial_driver(config: dict, context: dict) -> None:
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=job.model_dump(),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=ctx.workers_per_trial, use_gpu=ctx.gpus_per_worker > 0,
-            resources_per_worker={"CPU": job.cpus_per_worker,
-                                  **({"GPU": ctx.gpus_per_worker} if ctx.gpus_per_worker else {})}),
+        scaling_config=scaling_config(ctx),
         run_config=ray.train.RunConfig(
             name=f"train-{trial_id}",  # deterministic: a retried driver resumes from its checkpoints
             storage_path=ctx.train_storage,
@@ -98,6 +96,16 @@ def trial_driver(config: dict, context: dict) -> None:
                  what="closing the trial's MLflow run")
         raise
     retrying(lambda: end_trial_run(client(tracking_uri), run_id, "FINISHED"), what="closing the trial's MLflow run")
+
+
+def scaling_config(ctx: SweepContext):
+    """Workers per trial and what each holds; a fractional ``gpus_per_worker`` (e.g. 0.25) packs several
+    small trials onto one GPU."""
+    import ray.train
+
+    gpu = {"GPU": ctx.gpus_per_worker} if ctx.gpus_per_worker else {}
+    return ray.train.ScalingConfig(num_workers=ctx.workers_per_trial, use_gpu=ctx.gpus_per_worker > 0,
+                                   resources_per_worker={"CPU": ctx.job.cpus_per_worker, **gpu})
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -170,20 +178,65 @@ def make_tuner(cfg: StudyConfig, params: dict, context: SweepContext, storage: s
     modes = [o.mode for o in cfg.search.objective]
     sampler = (optuna.samplers.NSGAIISampler(seed=cfg.search.seed) if cfg.multi_objective
                else optuna.samplers.TPESampler(seed=cfg.search.seed, n_startup_trials=min(4, cfg.search.trials)))
+    storage_url = cfg.search.optuna_storage or os.environ.get("OPTUNA_STORAGE")
+    # OptunaSearch owns metric and mode (for multi-objective search TuneConfig must not set them).
     searcher = OptunaSearch(metric=metrics if cfg.multi_objective else metrics[0],
-                            mode=modes if cfg.multi_objective else modes[0], sampler=sampler)
-    # Multi-objective: OptunaSearch owns metric and mode; TuneConfig must not set them.
-    tune_config = tune.TuneConfig(search_alg=searcher, num_samples=cfg.search.trials,
-                                  max_concurrent_trials=cfg.search.max_concurrent,
-                                  **({} if cfg.multi_objective else {"metric": metrics[0], "mode": modes[0]}))
+                            mode=modes if cfg.multi_objective else modes[0], sampler=sampler,
+                            storage=optuna.storages.RDBStorage(storage_url) if storage_url else None,
+                            study_name=f"{cfg.name}/{name}" if storage_url else None)
+    # reuse_actors=False: a stopped trial's actor is terminated, and with it the Train controller and the
+    # workers it owns; a reused actor would keep them (and their CPUs/GPUs) alive.
+    tune_config = tune.TuneConfig(search_alg=searcher, num_samples=cfg.search.trials, reuse_actors=False,
+                                  max_concurrent_trials=concurrency(cfg), scheduler=early_stopping(cfg, params))
     return tune.Tuner(trainable, param_space=tune_space(params), tune_config=tune_config,
                       run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
                                                 callbacks=[progress_callback()],
                                                 failure_config=tune.FailureConfig(max_failures=0)))
 
 
+def concurrency(cfg: StudyConfig) -> int:
+    """``search.max_concurrent``, or for ``auto`` as many trials as the cluster's resources hold now."""
+    if cfg.search.max_concurrent != "auto":
+        return cfg.search.max_concurrent
+    import ray
+
+    free = ray.cluster_resources()
+    r = cfg.resources
+    fits = int(free.get("CPU", 0) // (r.workers_per_trial * r.cpus_per_worker))
+    if r.gpus_per_worker:
+        fits = min(fits, int(free.get("GPU", 0) // (r.workers_per_trial * r.gpus_per_worker)))
+    fits = max(1, fits)
+    print(f"[study] max_concurrent auto: {fits} trial(s) at once (cluster: {free.get('CPU', 0):g} CPUs, "
+          f"{free.get('GPU', 0):g} GPUs; {r.workers_per_trial} worker(s) x {r.cpus_per_worker:g} CPU, "
+          f"{r.gpus_per_worker:g} GPU per trial)", flush=True)
+    return fits
+
+
+def max_epochs(params: dict) -> int:
+    e = params.get("epochs", TrialSettings().epochs)
+    if isinstance(e, Categorical):
+        return int(max(e.choices))
+    return int(getattr(e, "high", e))
+
+
+def early_stopping(cfg: StudyConfig, params: dict):
+    """ASHA over epochs, on the first objective unless ``early_stopping.metric`` says otherwise."""
+    es = cfg.search.early_stopping
+    if es is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    first = cfg.search.objective[0]
+    metric = es.metric or first.metric
+    mode = es.mode or (first.mode if metric == first.metric else "min" if metric == "train_loss" else "max")
+    # max_t one past the last epoch: ASHA only ever stops trials that trail; the rest end by themselves,
+    # after their WiSE-FT evaluation and final records.
+    return ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=max_epochs(params) + 1,
+                         grace_period=es.grace_period, reduction_factor=es.reduction_factor)
+
+
 def make_replicate_tuner(configs: list[dict], context: SweepContext, storage: str, name: str, resume: bool,
-                         max_concurrent: int):
+                         cfg: StudyConfig):
     """A Tuner that runs each of ``configs`` once (a grid, no searcher): the seed replicates."""
     from ray import tune
 
@@ -192,7 +245,7 @@ def make_replicate_tuner(configs: list[dict], context: SweepContext, storage: st
     if resume and restorable(storage, name):
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     return tune.Tuner(trainable, param_space={"replicate": tune.grid_search(configs)},
-                      tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
+                      tune_config=tune.TuneConfig(max_concurrent_trials=concurrency(cfg), reuse_actors=False),
                       run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
                                                 callbacks=[progress_callback()],
                                                 failure_config=tune.FailureConfig(max_failures=0)))
@@ -209,8 +262,10 @@ def run_sweep(build_tuner, address: str | None):
     down; returns Tune's ``ResultGrid``."""
     import ray
 
-    ray.init(address=address, log_to_driver=True, include_dashboard=False, configure_logging=True,
-             logging_level="WARNING")
+    # The dashboard (on 127.0.0.1) serves the state API that Ray Train's placement-group cleaner needs to
+    # free the workers of a trial that was stopped early or lost its driver.
+    ray.init(address=address, log_to_driver=True, include_dashboard=None if address else True,
+             dashboard_host="127.0.0.1", configure_logging=True, logging_level="WARNING")
     try:
         return build_tuner().fit()
     finally:

@@ -142,6 +142,23 @@ def mark_orphans(c, experiment_id: str, parent_run_id: str, known_trials: set[st
     return [r.data.tags.get(TRIAL_TAG, "?") for r in orphans]
 
 
+def close_stopped_runs(c, experiment_id: str, parent_run_id: str, stopped_trials: set[str]) -> list[str]:
+    """Close the runs of trials the scheduler stopped early (their driver was stopped mid-fit):
+    ``study.status=EARLY_STOPPED``, run status FINISHED. Returns their trial ids."""
+    runs = c.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=10000)
+    closed = []
+    for r in runs:
+        tid = r.data.tags.get(TRIAL_TAG)
+        # RUNNING: killed mid-fit; FAILED: its driver saw the Train run aborted before Tune killed it.
+        if tid in stopped_trials and r.data.tags.get("study.status") in ("RUNNING", "FAILED"):
+            if "study.failure_reason" in r.data.tags:
+                c.delete_tag(r.info.run_id, "study.failure_reason")
+            c.set_tag(r.info.run_id, "study.status", "EARLY_STOPPED")
+            c.set_terminated(r.info.run_id, status="FINISHED")
+            closed.append(tid)
+    return closed
+
+
 def end_trial_run(c, run_id: str, status: str, reason: str | None = None) -> None:
     c.set_tag(run_id, "study.status", status)
     if reason:

@@ -128,3 +128,33 @@ def _root():
     from pathlib import Path
 
     return Path(__file__).resolve().parent.parent
+
+
+def test_asha_auto_concurrency_and_an_optuna_storage_for_the_dashboard(tmp_path, smoke_cache):
+    import optuna
+
+    proc = run_cli(["--smoke-test", "--trials", "4", "--set", "params.epochs=4",
+                    "--set", "search.max_concurrent=auto", "--set", "search.seed=1",
+                    "--set", "search.early_stopping={type: asha, metric: train_loss, grace_period: 1, "
+                             "reduction_factor: 2}",
+                    "--set", "params.learning_rate={distribution: categorical, choices: [1.0e-7, 1.0e-2]}",
+                    "--set", "search.optuna_storage=sqlite:///optuna.db"], tmp_path, smoke_cache)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "max_concurrent auto: 2 trial(s) at once (cluster: 2 CPUs" in proc.stdout
+
+    c, runs = mlflow_runs(tmp_path)
+    trials = [r for r in runs if r.data.tags.get("study.kind") == "trial"]
+    assert len(trials) == 4 and all(r.info.status == "FINISHED" for r in trials)  # none left RUNNING
+    statuses = {r.data.tags["study.trial_id"]: r.data.tags["study.status"] for r in trials}
+    stopped = [t for t, s in statuses.items() if s == "EARLY_STOPPED"]
+    assert stopped, statuses  # a trial at lr 1e-7 trails one at 1e-2 on the loss at the first rung
+    for r in trials:
+        epochs = sorted(m.step for m in c.get_metric_history(r.info.run_id, "train_loss"))
+        assert (len(epochs) < 4) == (r.data.tags["study.trial_id"] in stopped), (statuses, epochs)
+    assert f"early stopping ended {len(stopped)} trial(s)" in proc.stdout
+
+    # optuna-dashboard sqlite:///optuna.db shows the same study.
+    names = optuna.get_all_study_names(f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(names) == 1 and names[0].startswith("clip-alignment-study/sweep-")
+    study = optuna.load_study(study_name=names[0], storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.trials) == 4

@@ -93,3 +93,18 @@ def test_trial_settings_parse_parts_and_refuse_empty_training():
     assert s.lora_targets == ["attn", "mlp"] and s.lora_towers == ["text"]
     with pytest.raises(ValueError, match="nothing to train"):
         TrialSettings(lora_blocks=0, train_projections=False, train_logit_scale=False)
+
+
+def test_fractional_gpus_pack_trials_and_auto_concurrency_is_accepted():
+    from study.sweep import SweepContext, scaling_config
+    from study.train_loop import WorkerJob
+
+    cfg, _ = load_study_config(None, [("resources.gpus_per_worker", 0.25), ("resources.workers_per_trial", 2),
+                                      ("search.max_concurrent", "auto")])
+    assert cfg.search.max_concurrent == "auto"
+    job = WorkerJob(settings={}, data=cfg.data, model_name="m", model_pretrained=None, cache_dir="/tmp")
+    sc = scaling_config(SweepContext(job=job, experiment_id="1", parent_run_id="p", train_storage="/tmp",
+                                     workers_per_trial=2, gpus_per_worker=0.25))
+    assert sc.num_workers == 2 and sc.use_gpu and sc.resources_per_worker == {"CPU": 1, "GPU": 0.25}
+    with pytest.raises(ConfigError, match="search.max_concurrent"):
+        load_study_config(None, [("search.max_concurrent", 0)])
