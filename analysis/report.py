@@ -92,6 +92,14 @@ def finding(rec: StudyRecords, imps: dict) -> list[str]:
                  f"{float(best['tether_weight']):.2f}).")
     lines.append(f"That configuration changed general zero-shot top-1 by {best['general_change_pts']:+.1f} points "
                  f"(from {b_gen:.1%} to {best['general_top1']:.1%}).")
+    curve = rec.wiseft.get(best["trial_id"])
+    if curve:  # [(alpha, specialized, general)]: the trained change scaled by alpha
+        pts = [(a, (sp - b_spec) * 100, (ge - b_gen) * 100) for a, sp, ge in curve if 0 < a < 1]
+        if pts:
+            a, g, c = max(pts, key=lambda t: t[1] + t[2])
+            lines.append(f"Scaling that trial's trained change by α (WiSE-FT), the largest sum of gain and general "
+                         f"change among 0 < α < 1 was at α = {a:g}: specialized {g:+.1f} points, general {c:+.1f} "
+                         f"points (α = 0 is the baseline exactly, α = 1 the trial above).")
     front = df[pareto_mask(df)]
     keep = front[front["general_change_pts"] >= -2]
     if len(keep) and keep["specialized_gain_pts"].max() > 0:

@@ -111,6 +111,8 @@ def test_wiseft_curves_are_drawn_where_logged(tmp_path):
     report, _ = run_analysis(uri, "s", parent, tmp_path / "out")
     assert (report.parent / "wiseft_curves.png").stat().st_size > 0
     assert "wiseft_curves.png" in report.read_text()
+    # The best trial (specialized 40%, general 60%) at alpha 0.5: 30% and 70%, against a 20% / 80% baseline.
+    assert "was at α = 0.5: specialized +10.0 points, general -10.0 points" in report.read_text()
 
 
 def test_older_runs_without_some_metrics(tmp_path):
