@@ -229,9 +229,9 @@ def early_stopping(cfg: StudyConfig, params: dict):
     first = cfg.search.objective[0]
     metric = es.metric or first.metric
     mode = es.mode or (first.mode if metric == first.metric else "min" if metric == "train_loss" else "max")
-    # max_t one past the last epoch: ASHA only ever stops trials that trail; the rest end by themselves,
-    # after their WiSE-FT evaluation and final records.
-    return ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=max_epochs(params) + 1,
+    # Rungs lie below the last epoch; a trial writes all its final records before its last report, so
+    # ASHA's stop at max_t loses nothing.
+    return ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=max_epochs(params),
                          grace_period=es.grace_period, reduction_factor=es.reduction_factor)
 
 

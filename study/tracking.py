@@ -143,8 +143,8 @@ def mark_orphans(c, experiment_id: str, parent_run_id: str, known_trials: set[st
 
 
 def close_stopped_runs(c, experiment_id: str, parent_run_id: str, stopped_trials: set[str]) -> list[str]:
-    """Close the runs of trials the scheduler stopped early (their driver was stopped mid-fit):
-    ``study.status=EARLY_STOPPED``, run status FINISHED. Returns their trial ids."""
+    """Close the runs of trials the scheduler stopped (their driver was stopped mid-fit): FINISHED when the
+    trial had written its final records, else ``study.status=EARLY_STOPPED``; returns the early-stopped ids."""
     runs = c.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=10000)
     closed = []
     for r in runs:
@@ -153,9 +153,12 @@ def close_stopped_runs(c, experiment_id: str, parent_run_id: str, stopped_trials
         if tid in stopped_trials and r.data.tags.get("study.status") in ("RUNNING", "FAILED"):
             if "study.failure_reason" in r.data.tags:
                 c.delete_tag(r.info.run_id, "study.failure_reason")
-            c.set_tag(r.info.run_id, "study.status", "EARLY_STOPPED")
+            # A trial whose final records are all in (logged before its last report) did finish.
+            complete = any(k.startswith("final/") for k in r.data.metrics)
+            c.set_tag(r.info.run_id, "study.status", "FINISHED" if complete else "EARLY_STOPPED")
             c.set_terminated(r.info.run_id, status="FINISHED")
-            closed.append(tid)
+            if not complete:
+                closed.append(tid)
     return closed
 
 
@@ -209,6 +212,7 @@ class TrialLogger:
         self.flush_timeout = flush_timeout
         self.logged_steps: set[int] | None = None  # read from the run by the writer thread, before its first write
         self.error: BaseException | None = None
+        self.closed = False
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._drain, name="mlflow-trial-logger", daemon=True)
         self._thread.start()
@@ -274,6 +278,9 @@ class TrialLogger:
 
     def close(self, raise_errors: bool = True, timeout: float | None = None) -> None:
         """Wait until every queued record reached MLflow; raise if one never did."""
+        if self.closed:
+            return
+        self.closed = True
         self._queue.put(None)
         self._thread.join(self.flush_timeout if timeout is None else timeout)
         if not raise_errors:

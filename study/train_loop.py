@@ -224,6 +224,9 @@ def train_fn_per_worker(config: dict) -> None:
                     logger.log_epoch(metrics, step=epoch + 1)
                     for name, (matrix, classnames) in confusions.items():
                         logger.log_confusion(name, matrix, classnames)
+                    if final:  # everything in MLflow before Tune sees the last result (and may stop the trial)
+                        logger.log_final(model, metrics)
+                        logger.close()
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if rank == 0:
@@ -236,7 +239,5 @@ def train_fn_per_worker(config: dict) -> None:
         if logger:  # keep what was recorded before the failure
             logger.close(raise_errors=False, timeout=120)
         raise
-    if logger:
-        if metrics is not None:
-            logger.log_final(model, metrics)
+    if logger and not logger.closed:  # e.g. a retried attempt that found every epoch already done
         logger.close()
