@@ -128,6 +128,24 @@ def wait_for_epoch(uri: str, epoch: int, trials: int = 1, timeout: float = 300) 
     raise TimeoutError(f"no trial reached epoch {epoch}")
 
 
+def wait_for_checkpoints(shared: Path, count: int, trials: int, timeout: float = 300) -> None:
+    """Block until ``trials`` Train runs have each committed ``count`` checkpoints (Ray Train's snapshot)."""
+    import json
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = 0
+        for snap in shared.glob("sweep-*/train/train-*/checkpoint_manager_snapshot.json"):
+            try:
+                done += len(json.loads(snap.read_text())["checkpoint_results"]) >= count
+            except (ValueError, KeyError, OSError):  # being written
+                pass
+        if done >= trials:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"fewer than {trials} runs committed {count} checkpoints")
+
+
 def assert_complete(uri: str, trials: int) -> list:
     """Every trial FINISHED, one run per trial id, epochs 1..EPOCHS each recorded exactly once."""
     c, runs = trial_runs(uri)
@@ -152,7 +170,7 @@ def test_node_killed_mid_trial_resumes_from_checkpoint_on_a_surviving_node(tmp_p
     import ray
 
     proc = start_sweep(tmp_path, smoke_cache, cluster.address, server.uri, "--trials", "2", "--max-concurrent", "2")
-    wait_for_epoch(server.uri, 2, trials=2)  # both trials have a checkpoint, whichever node dies
+    wait_for_checkpoints(tmp_path / "shared", 2, trials=2)  # both trials can resume, whichever node dies
     # Where the training workers live, from the GCS (the state API would need the dashboard).
     workers = [a for a in ray._private.state.actors().values()
                if a["ActorClassName"].endswith("RayTrainWorker") and a["State"] == "ALIVE"]
@@ -167,7 +185,7 @@ def test_node_killed_mid_trial_resumes_from_checkpoint_on_a_surviving_node(tmp_p
     runs = assert_complete(server.uri, trials=2)
     c, _ = trial_runs(server.uri)
     resumed = {r.data.tags["study.trial_id"]: resumed_from(c, r) for r in runs}
-    assert any(v and v[0] >= 1 for v in resumed.values()), resumed  # from a checkpoint, not from scratch
+    assert any(v and v[0] >= 2 for v in resumed.values()), resumed  # from a checkpoint, not from scratch
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert victim_id not in alive and len(busy_nodes) >= 1
     print(f"node kill: trials finished 2/2, runs per trial 1, resumed from epochs {resumed}")
@@ -192,7 +210,7 @@ def test_tracking_server_down_mid_sweep_loses_nothing(tmp_path, smoke_cache, ser
 
 def test_driver_killed_then_resume_creates_no_duplicate_runs(tmp_path, smoke_cache, server, cluster):
     proc = start_sweep(tmp_path, smoke_cache, cluster.address, server.uri, "--trials", "3", "--max-concurrent", "2")
-    wait_for_epoch(server.uri, 3, trials=2)  # checkpoints of epochs 1-2 are committed by now
+    wait_for_checkpoints(tmp_path / "shared", 2, trials=2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     time.sleep(3)  # let Ray reap the dead driver's actors
