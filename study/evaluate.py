@@ -30,7 +30,7 @@ EXAMPLES = """examples:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m study.evaluate", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Zero-shot classification (top-1, top-5, balanced accuracy, per-class recall, 95%% bootstrap "
+        description="Zero-shot classification (top-1, top-5, balanced accuracy, per-class recall, 95% bootstrap "
                     "intervals) and image-text retrieval (recall@1/5/10 both ways) of an open_clip model on "
                     "benchmark specs. Shipped specs: " + ", ".join(shipped_specs()) + ".")
     p.add_argument("--model", default=OFFLINE_MODEL, help="open_clip model name or hf-hub:org/repo "
