@@ -21,7 +21,8 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .data import DataError, EmptySplitError, fingerprint, images_to_tensor, load_source
+from .data import (MAX_CACHED_BYTES, DataError, EmptySplitError, fingerprint, images_to_tensor, load_source,
+                   save_atomic, source_stamp)
 
 SPECS_DIR = Path(__file__).resolve().parent / "benchmark_specs"
 Task = Literal["classification", "retrieval"]
@@ -79,11 +80,10 @@ class BenchmarkSpec(BaseModel):
                 raise ValueError(f"templates: per-class prompts missing for {missing[:3]}")
         return self
 
-    def class_list(self, n: int | None = None) -> list[str]:
-        """Class names in label order (``n`` labels when known)."""
+    def class_list(self) -> list[str]:
+        """Class names in label order (a mapping's missing labels are empty)."""
         if isinstance(self.classnames, dict):
-            size = max(self.classnames) + 1 if n is None else n
-            return [self.classnames.get(i, "") for i in range(size)]
+            return [self.classnames.get(i, "") for i in range(max(self.classnames) + 1)]
         return list(self.classnames or [])
 
     def where(self, field_name: str) -> str:
@@ -130,9 +130,8 @@ def load_spec(ref: str) -> BenchmarkSpec:
     return spec_from_dict(raw, str(path), path.stem)
 
 
-def resolve(ref: Union[str, dict, BenchmarkSpec], origin: str, default_name: str) -> BenchmarkSpec:
-    if isinstance(ref, BenchmarkSpec):
-        return ref
+def resolve(ref: Union[str, dict], origin: str, default_name: str) -> BenchmarkSpec:
+    """A study's benchmark reference (a spec name or path, or an inline mapping) as a spec."""
     if isinstance(ref, str):
         return load_spec(ref)
     return spec_from_dict(ref, origin, default_name)
@@ -232,9 +231,8 @@ def decode(spec: BenchmarkSpec, role: str, primary: bool, cache_dir: Path, prepr
     With ``tensor_cache`` (a folder), the decoded tensors are saved there once, keyed by the spec and the
     preprocessing, and later calls (other trials, other epochs' workers) load them instead of decoding.
     """
-    local = Path(spec.source).expanduser()
-    stamp = local.stat().st_mtime if local.exists() else ""  # a local dataset edited in place is re-read
-    key = fingerprint(spec.model_dump_json(exclude={"origin", "description"}), repr(preprocess), seed, scale, stamp)
+    key = fingerprint(spec.model_dump_json(exclude={"origin", "description"}), repr(preprocess), seed, scale,
+                      source_stamp(spec.source))  # a local dataset edited in place is read again
     cached = tensor_cache / f"{spec.name}-{key}.pt" if tensor_cache else None
     if cached and cached.exists():
         state = torch.load(cached, weights_only=True)
@@ -263,10 +261,7 @@ def decode(spec: BenchmarkSpec, role: str, primary: bool, cache_dir: Path, prepr
             out.captions += [str(c) for c in caps]
             owner += [i] * len(caps)
         out.caption_image = torch.tensor(owner)
-    if cached and images.numel() * images.element_size() <= 2 * 2**30:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        torch.save({"images": images, "labels": out.labels, "classnames": out.classnames, "prompts": out.prompts,
-                    "captions": out.captions, "caption_image": out.caption_image, "skipped": skipped}, tmp)
-        tmp.replace(cached)  # atomic: concurrent trials never read a half-written file
+    if cached and images.numel() * images.element_size() <= MAX_CACHED_BYTES:
+        save_atomic({"images": images, "labels": out.labels, "classnames": out.classnames, "prompts": out.prompts,
+                     "captions": out.captions, "caption_image": out.caption_image, "skipped": skipped}, cached)
     return out

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+import os
 from pathlib import Path
 
 import numpy as np
@@ -191,12 +191,18 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:12]
 
 
-@dataclass
-class Benchmark:
-    """A zero-shot classification benchmark, decoded and ready for a model."""
+MAX_CACHED_BYTES = 2 * 2**30  # decoded tensors larger than this are decoded again instead of cached
 
-    name: str
-    images: torch.Tensor  # [N, 3, H, W]
-    labels: torch.Tensor  # [N]
-    classnames: list[str]
-    templates: list[str]
+
+def source_stamp(source: str | None) -> float | str:
+    """Modification time of a local file or folder (so a cache key changes when it is edited), else ``""``."""
+    path = Path(source).expanduser() if source else None
+    return path.stat().st_mtime if path and path.exists() else ""
+
+
+def save_atomic(obj, path: Path) -> None:
+    """``torch.save`` through a temporary file, so that concurrent readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)

@@ -12,7 +12,8 @@ import torch
 
 from .benchmarks import EvalSet, check, decode
 from .config import ROLES, DataSection, FinetuneData
-from .data import fingerprint, images_to_tensor, load_source, nested_subset, require_columns
+from .data import (MAX_CACHED_BYTES, fingerprint, images_to_tensor, load_source, nested_subset, require_columns,
+                   save_atomic, source_stamp)
 
 
 def load_finetune_split(spec: FinetuneData, data: DataSection, cache_dir: Path, where="data.finetune"):
@@ -29,9 +30,8 @@ def decoded_finetune(spec: FinetuneData, data: DataSection, cache_dir: Path, pre
     The driver calls this before Ray starts (so broken images stop the study there, with the count);
     the result is cached under ``<cache>/eval/`` (up to 2 GiB), so trials load instead of decoding.
     """
-    local = Path(spec.source).expanduser()
     key = fingerprint(spec.model_dump_json(), repr(preprocess), data.seed, data.offline_scale,
-                      local.stat().st_mtime if local.exists() else "")
+                      source_stamp(spec.source))
     path = Path(cache_dir) / "eval" / f"finetune-{key}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
@@ -42,11 +42,8 @@ def decoded_finetune(spec: FinetuneData, data: DataSection, cache_dir: Path, pre
         print(f"[data] data.finetune: skipped {len(ds) - len(kept)} of {len(ds)} images that cannot be decoded "
               f"(max_undecodable_share {spec.max_undecodable_share})", flush=True)
     out = {"images": images, "kept": kept, "captions": [str(c) for c in ds[spec.caption_column]], "rows": len(ds)}
-    if images.numel() * images.element_size() <= 2 * 2**30:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(out, tmp)
-        tmp.replace(path)  # atomic: concurrent trials never read a half-written file
+    if images.numel() * images.element_size() <= MAX_CACHED_BYTES:
+        save_atomic(out, path)
     return out
 
 

@@ -50,26 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_weights(model: str, pretrained: str | None, cache_dir: Path) -> str | None:
-    check_model(model, pretrained, where="--model/--pretrained")
-    if model == OFFLINE_MODEL and pretrained is None:  # the same cached model the default study uses
-        from .config import PretrainSection
-        from .pretrain import PretrainSettings, ensure_pretrained
+    """The weights to load; for the offline model, the same cached checkpoint the default study uses."""
+    from .config import ModelSection, StudyConfig
+    from .prepare import resolve_pretrained
 
-        return str(ensure_pretrained(cache_dir, PretrainSettings(**PretrainSection().model_dump())))
-    return pretrained
+    check_model(model, pretrained, where="--model/--pretrained")
+    return resolve_pretrained(StudyConfig(model=ModelSection(name=model, pretrained=pretrained)), cache_dir)
 
 
 def evaluate_specs(model_name: str, pretrained: str | None, specs, cache_dir: Path, device: str = "cpu",
                    batch_size: int = 256, seed: int = 0, scale: float = 1.0) -> dict:
     """Metrics ``{"<spec name>_<metric>": value}`` of one model on ``specs``."""
-    import torch
-
     from .zeroshot import evaluate_sets
 
     lm = load_base_model(model_name, pretrained, device=device)
     sets = [decode(spec, spec.name, True, cache_dir, lm.preprocess, seed, scale) for spec in specs]
-    with torch.no_grad():
-        metrics, _, _ = evaluate_sets(lm.model, lm.tokenizer, sets, device, detailed=True, batch_size=batch_size)
+    metrics, _, _ = evaluate_sets(lm.model, lm.tokenizer, sets, device, detailed=True, batch_size=batch_size)
     return metrics
 
 

@@ -97,6 +97,6 @@ def model_config(name: str) -> dict:
 
 def model_id(name: str, pretrained: str | None) -> str:
     """Names the exact weights (a local checkpoint by path and modification time), for cache keys."""
-    path = Path(pretrained).expanduser() if pretrained else None
-    stamp = path.stat().st_mtime if path and path.is_file() else ""
-    return f"{name}|{pretrained}|{stamp}"
+    from .data import source_stamp
+
+    return f"{name}|{pretrained}|{source_stamp(pretrained)}"

@@ -122,10 +122,8 @@ def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, args, state_fi
             return 130
         spread_lines = format_spreads(spread, state["baseline"])
     c.set_terminated(state["parent_run_id"])
-    summary = format_summary(rows, state["baseline"], cfg.name, tracking_uri, state["parent_run_id"],
-                             cfg.multi_objective)
-    print(summary.replace("\nMLflow experiment", "\n" + "\n".join(spread_lines) + "\nMLflow experiment", 1)
-          if spread_lines else summary, flush=True)
+    print(format_summary(rows, state["baseline"], cfg.name, tracking_uri, state["parent_run_id"],
+                         cfg.multi_objective, spread_lines), flush=True)
     analyse(tracking_uri, cfg.name, state["parent_run_id"], args.output_dir)
     return 0
 

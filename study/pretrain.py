@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .config import DataSection
-from .data import fingerprint, images_to_tensor, load_source
+from .data import fingerprint, images_to_tensor, load_source, save_atomic
 from .domain import eval_sets
 from .models import OFFLINE_MODEL, load_base_model, model_config
 from .train_loop import lr_lambda
@@ -90,10 +90,7 @@ def pretrain(out_path: Path, cache_dir: Path, s: PretrainSettings) -> dict:
     values, _, _ = evaluate_sets(model, tok, sets, "cpu")
     metrics = {k.removeprefix("general_"): v for k, v in values.items() if k.startswith("general_")}
     print(f"[pretrain] done in {time.time() - t0:.0f}s: general zero-shot top-1 {metrics['top1']:.1%}", flush=True)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(out_path)  # atomic: a killed build never leaves a half-written cache
+    save_atomic(model.state_dict(), out_path)  # a killed build never leaves a half-written cache
     out_path.with_suffix(".json").write_text(json.dumps({"settings": asdict(s), "general_zero_shot": metrics,
                                                          "seconds": time.time() - t0}, indent=2))
     return metrics

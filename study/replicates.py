@@ -36,7 +36,6 @@ def replicate_configs(best: list[TrialOutcome], seeds: int) -> list[dict]:
 @dataclass
 class Spread:
     trial_id: str
-    config: dict
     n: int
     values: dict[str, list[float]]  # metric -> one value per seed (the sweep trial's first)
 
@@ -54,7 +53,7 @@ def spreads(best: list[TrialOutcome], replicate_rows: list[TrialOutcome]) -> lis
         runs = [r] + [x for x in replicate_rows if x.status == "TERMINATED"
                       and x.config.get("replicate", x.config).get(REPLICATE_OF) == r.trial_id]
         values = {k: [x.metrics[k] for x in runs if k in x.metrics] for k in REPORTED}
-        out.append(Spread(r.trial_id, r.config, len(runs), {k: v for k, v in values.items() if v}))
+        out.append(Spread(r.trial_id, len(runs), {k: v for k, v in values.items() if v}))
     return out
 
 

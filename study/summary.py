@@ -32,7 +32,8 @@ def best_specialized(rows: list[TrialOutcome]) -> TrialOutcome | None:
 
 
 def format_summary(rows: list[TrialOutcome], baseline: dict, experiment: str, tracking_uri: str,
-                   parent_run_id: str, multi_objective: bool) -> str:
+                   parent_run_id: str, multi_objective: bool, extra: list[str] = ()) -> str:
+    """The end-of-run answer; ``extra`` lines (e.g. the seed replicates) go before the MLflow pointers."""
     done = [r for r in rows if r.status == "TERMINATED"]
     failed = [r for r in rows if r.status == "ERROR"]
     lines = ["", "=" * 72, "Study summary", "=" * 72,
@@ -74,7 +75,7 @@ def format_summary(rows: list[TrialOutcome], baseline: dict, experiment: str, tr
                              f"general {(r.metrics['general_top1'] - b_gen) * 100:+.1f} pts")
     ui = (f"mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)"
           if tracking_uri.startswith("sqlite:") else f"open {tracking_uri} in a browser")
-    lines += [f"MLflow experiment {experiment!r}, parent run {parent_run_id}", f"  to browse: {ui}", "=" * 72]
+    lines += [*extra, f"MLflow experiment {experiment!r}, parent run {parent_run_id}", f"  to browse: {ui}", "=" * 72]
     return "\n".join(lines)
 
 

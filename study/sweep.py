@@ -189,9 +189,16 @@ def make_tuner(cfg: StudyConfig, params: dict, context: SweepContext, storage: s
     tune_config = tune.TuneConfig(search_alg=searcher, num_samples=cfg.search.trials, reuse_actors=False,
                                   max_concurrent_trials=concurrency(cfg), scheduler=early_stopping(cfg, params))
     return tune.Tuner(trainable, param_space=tune_space(params), tune_config=tune_config,
-                      run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
-                                                callbacks=[progress_callback()],
-                                                failure_config=tune.FailureConfig(max_failures=0)))
+                      run_config=run_config(name, storage))
+
+
+def run_config(name: str, storage: str):
+    """Tune's RunConfig: state under ``<storage>/<name>``, our progress lines, a failed trial stays failed
+    (its Train run already retried lost workers)."""
+    from ray import tune
+
+    return tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=[progress_callback()],
+                          failure_config=tune.FailureConfig(max_failures=0))
 
 
 def concurrency(cfg: StudyConfig) -> int:
@@ -246,9 +253,7 @@ def make_replicate_tuner(configs: list[dict], context: SweepContext, storage: st
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     return tune.Tuner(trainable, param_space={"replicate": tune.grid_search(configs)},
                       tune_config=tune.TuneConfig(max_concurrent_trials=concurrency(cfg), reuse_actors=False),
-                      run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
-                                                callbacks=[progress_callback()],
-                                                failure_config=tune.FailureConfig(max_failures=0)))
+                      run_config=run_config(name, storage))
 
 
 def restorable(storage: str, name: str) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import subprocess
 import tempfile
 import time
@@ -273,6 +274,7 @@ class TrialLogger:
             for i in range(0, len(final), 500):
                 self.c.log_batch(self.run_id, metrics=final[i:i + 500])
             self.c.log_artifacts(self.run_id, str(folder), "adapter")
+            shutil.rmtree(tmp, ignore_errors=True)
 
         self._queue.put(write)
 
@@ -282,10 +284,11 @@ class TrialLogger:
             return
         self.closed = True
         self._queue.put(None)
-        self._thread.join(self.flush_timeout if timeout is None else timeout)
+        wait = self.flush_timeout if timeout is None else timeout
+        self._thread.join(wait)
         if not raise_errors:
             return
         if self._thread.is_alive():
-            raise TimeoutError(f"MLflow records of run {self.run_id} not written after {self.flush_timeout:.0f}s")
+            raise TimeoutError(f"MLflow records of run {self.run_id} not written after {wait:.0f}s")
         if self.error is not None:
             raise self.error

@@ -171,7 +171,6 @@ def train_fn_per_worker(config: dict) -> None:
     logger = TrialLogger(job.tracking_uri, job.run_id) if rank == 0 and job.run_id else None
     clip = unwrap(model)
 
-    metrics = None
     if logger and start_epoch:  # a retried attempt (worker or node lost): say where it resumed
         logger.log_resume(start_epoch)
     try:
@@ -206,7 +205,6 @@ def train_fn_per_worker(config: dict) -> None:
                 total = summed.item() / world
             metrics = {"epoch": epoch + 1, "train_loss": total / steps_per_epoch, "train_pairs": len(images),
                        "steps": (epoch + 1) * steps_per_epoch}
-            confusions = {}
             if rank == 0:
                 final = epoch + 1 == s.epochs
                 t_eval = time.time()

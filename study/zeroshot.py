@@ -10,14 +10,13 @@ reuse a frozen tower's embeddings from a :class:`FeatureCache`.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import fingerprint
+from .data import fingerprint, save_atomic
 
 
 @torch.no_grad()
@@ -116,10 +115,7 @@ class FeatureCache:
             self.hits += 1
             return torch.load(path, weights_only=True)
         value = compute().cpu()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(value, tmp)
-        tmp.replace(path)
+        save_atomic(value, path)
         return value
 
 
@@ -137,19 +133,19 @@ def evaluate_sets(model, tokenizer, sets, device, *, detailed: bool = False, bas
     was_training = model.training
     model.eval()
     metrics, confusions, predictions = {}, {}, {}
-    use = cache if cache is not None else FeatureCache(None, "")
-    for s in sets:
-        def images():
-            return image_features(model, s.images, device, batch_size)
 
-        img = use.get("image", s.fingerprint, images) if frozen_image else images()
+    def embed(kind: str, key: str, frozen: bool, compute):
+        return cache.get(kind, key, compute) if frozen and cache is not None else compute()
+
+    for s in sets:
+        img = embed("image", s.fingerprint, frozen_image, lambda: image_features(model, s.images, device, batch_size))
         if s.spec.task == "retrieval":
-            txt = (use.get("captions", s.fingerprint, lambda: text_features(model, tokenizer, s.captions, device))
-                   if frozen_text else text_features(model, tokenizer, s.captions, device))
+            txt = embed("captions", s.fingerprint, frozen_text,
+                        lambda: text_features(model, tokenizer, s.captions, device))
             values = retrieval_metrics(img, txt, s.caption_image, seed=seed)
         else:
-            clf = (use.get("classifier", repr(s.prompts), lambda: zero_shot_classifier(model, tokenizer, s.prompts, device))
-                   if frozen_text else zero_shot_classifier(model, tokenizer, s.prompts, device))
+            clf = embed("classifier", repr(s.prompts), frozen_text,
+                        lambda: zero_shot_classifier(model, tokenizer, s.prompts, device))
             logits = (img.to(clf.device) @ clf.float()).cpu()
             predictions[s.label] = logits.argmax(1).tolist()
             if detailed:

@@ -176,7 +176,6 @@ def test_node_killed_mid_trial_resumes_from_checkpoint_on_a_surviving_node(tmp_p
                if a["ActorClassName"].endswith("RayTrainWorker") and a["State"] == "ALIVE"]
     assert workers, "no training worker alive"
     victim_id = workers[0]["Address"]["NodeID"]
-    busy_nodes = {w["Address"]["NodeID"] for w in workers}
     victim = next(n for n in cluster.list_all_nodes() if n.node_id == victim_id)
     assert not victim.head
     cluster.remove_node(victim, allow_graceful=False)  # the node and its worker die at once
@@ -187,7 +186,7 @@ def test_node_killed_mid_trial_resumes_from_checkpoint_on_a_surviving_node(tmp_p
     resumed = {r.data.tags["study.trial_id"]: resumed_from(c, r) for r in runs}
     assert any(v and v[0] >= 2 for v in resumed.values()), resumed  # from a checkpoint, not from scratch
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    assert victim_id not in alive and len(busy_nodes) >= 1
+    assert victim_id not in alive
     print(f"node kill: trials finished 2/2, runs per trial 1, resumed from epochs {resumed}")
     assert "Study summary" in log
 
