@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .records import StudyRecords, pareto_mask  # noqa: E402
+from .records import StudyRecords, pareto_mask, searched_knobs  # noqa: E402
 
 DPI = 130
 
@@ -69,13 +69,18 @@ def accuracy_vs_intensity(rec: StudyRecords, out: Path) -> Path:
     return _save(fig, out / "accuracy_vs_intensity.png")
 
 
+KNOB_LABELS = {"learning_rate": "learning rate (log scale)", "lora_rank": "LoRA rank r",
+               "data_fraction": "data fraction (share of fine-tuning pairs)",
+               "tether_weight": "tether weight λ (MoCLIP)", "lora_blocks": "LoRA blocks K (last K per tower)",
+               "lora_alpha": "LoRA alpha", "weight_decay": "weight decay", "warmup_steps": "warmup steps"}
+
+
 def marginals(rec: StudyRecords, out: Path) -> Path:
-    """Gain and cost along learning rate, rank and data fraction (points, plus the mean per level/bin)."""
+    """Gain and cost along every searched knob (points, plus the mean per level/bin)."""
     df = rec.trials
-    knobs = [("learning_rate", "learning rate (log scale)"), ("lora_rank", "LoRA rank r"),
-             ("data_fraction", "data fraction (share of fine-tuning pairs)")]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5), sharey="row")
-    for col, (knob, label) in enumerate(knobs):
+    knobs = searched_knobs(df) or ["learning_rate", "lora_rank", "data_fraction"]
+    fig, axes = plt.subplots(2, len(knobs), figsize=(4 * len(knobs), 6.5), sharey="row", squeeze=False)
+    for col, knob in enumerate(knobs):
         x = pd.to_numeric(df[knob], errors="coerce")
         for row, (metric, name, color) in enumerate((("specialized_gain_pts", "specialized gain (points)", "tab:blue"),
                                                      ("general_change_pts", "general change (points)", "tab:orange"))):
@@ -88,12 +93,13 @@ def marginals(rec: StudyRecords, out: Path) -> Path:
             ax.axhline(0, color="0.6", lw=0.8)
             if knob == "learning_rate":
                 ax.set_xscale("log")
-            if knob == "lora_rank" and x.notna().any():
+            elif x.nunique() <= 8 and (x.dropna() == x.dropna().round()).all():  # integer levels: tick each
                 ax.set_xticks(sorted(x.dropna().unique()))
-            ax.set_xlabel(label)
+            ax.set_xlabel(KNOB_LABELS.get(knob, knob))
             if col == 0:
                 ax.set_ylabel(name)
-    fig.suptitle("marginal effect of each knob (other knobs vary too: read as trends, not causal effects)", fontsize=10)
+    fig.suptitle("marginal effect of each searched knob (other knobs vary too: read as trends, not causal effects)",
+                 fontsize=10)
     return _save(fig, out / "marginals.png")
 
 

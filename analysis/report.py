@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import plots
-from .records import NUMERIC_KNOBS, StudyRecords, load_study, pareto_mask
+from .records import StudyRecords, best_row, load_study, pareto_mask, searched_knobs
 
 MIN_TRIALS_FOR_IMPORTANCE = 4
 MIN_TRIALS_FOR_TRENDS = 6
@@ -20,7 +20,7 @@ def importances(df: pd.DataFrame) -> dict[str, dict[str, float]]:
     import optuna
     from optuna.distributions import FloatDistribution
 
-    knobs = [k for k in NUMERIC_KNOBS if pd.to_numeric(df[k], errors="coerce").nunique() > 1]
+    knobs = searched_knobs(df)
     if len(df) < MIN_TRIALS_FOR_IMPORTANCE or not knobs:
         return {}
     out = {}
@@ -60,6 +60,7 @@ def saturation(df: pd.DataFrame, knob: str) -> str:
 
 
 def finding(rec: StudyRecords, imps: dict) -> list[str]:
+    """The finding as plain sentences, each backed by the trial table (``rec``) and the importances."""
     df, ex = rec.trials, rec.excluded
     n, seeds = len(df), pd.to_numeric(df["seed"], errors="coerce").nunique() if len(df) else 0
     lines = [f"This rests on {n} finished trial(s) with {seeds} seed(s) each"
@@ -70,65 +71,93 @@ def finding(rec: StudyRecords, imps: dict) -> list[str]:
     if n == 0:
         lines.append("No trial has finished, so there is nothing to conclude yet.")
         return lines
-    b_spec, b_gen = rec.baseline.get("specialized_top1", math.nan), rec.baseline.get("general_top1", math.nan)
-    best = df.loc[df["specialized_gain_pts"].idxmax()]
+    best = best_row(df)
+    lines += best_sentences(rec, best)
+    lines += retention_sentences(df)
+    lines += reliability_sentences(rec, best)
+    lines += importance_sentences(imps, n)
+    for knob in ("data_fraction", "lora_rank"):
+        text = saturation(df, knob)
+        lines.append(text[0].upper() + text[1:] + ".")
+    if n < MIN_TRIALS_FOR_TRENDS:
+        lines.append(f"With only {n} trial(s), treat every trend here as anecdotal.")
+    return lines
+
+
+def interval_text(best: pd.Series) -> str:
+    """The best trial's interval, as logged (bootstrap, with the paired gain interval and McNemar) or Wilson."""
     lo, hi = best["specialized_top1_ci_low_pct"], best["specialized_top1_ci_high_pct"]
     if math.isnan(lo):
-        ci = " (no confidence interval logged)"
-    elif best["specialized_ci_kind"] == "bootstrap":
-        ci = f" (95% bootstrap CI of its accuracy {lo:.1f}–{hi:.1f}%"
-        if not math.isnan(best.get("specialized_top1_gain_ci_low", math.nan)):
-            ci += (f"; of the gain {best['specialized_top1_gain_ci_low'] * 100:+.1f} to "
-                   f"{best['specialized_top1_gain_ci_high'] * 100:+.1f} points, paired; McNemar p = "
-                   f"{best['specialized_mcnemar_p']:.2g}")
-        ci += ")"
-    else:
-        ci = (f" (95% CI of its accuracy {lo:.1f}–{hi:.1f}%, Wilson interval on "
-              f"{int(best['specialized_images'])} images)")
-    lines.append(f"The best specialized zero-shot top-1 was {best['specialized_top1']:.1%}, "
-                 f"{best['specialized_gain_pts']:+.1f} points over the zero-shot baseline of {b_spec:.1%}{ci}, "
-                 f"in trial {best['trial_id']} (learning rate {float(best['learning_rate']):.2g}, rank "
-                 f"{int(best['lora_rank'])}, data fraction {float(best['data_fraction']):.2f}, tether λ "
-                 f"{float(best['tether_weight']):.2f}).")
-    lines.append(f"That configuration changed general zero-shot top-1 by {best['general_change_pts']:+.1f} points "
-                 f"(from {b_gen:.1%} to {best['general_top1']:.1%}).")
+        return " (no confidence interval logged)"
+    if best["specialized_ci_kind"] != "bootstrap":
+        return (f" (95% CI of its accuracy {lo:.1f}–{hi:.1f}%, Wilson interval on "
+                f"{int(best['specialized_images'])} images)")
+    ci = f" (95% bootstrap CI of its accuracy {lo:.1f}–{hi:.1f}%"
+    if not math.isnan(best.get("specialized_top1_gain_ci_low", math.nan)):
+        ci += (f"; of the gain {best['specialized_top1_gain_ci_low'] * 100:+.1f} to "
+               f"{best['specialized_top1_gain_ci_high'] * 100:+.1f} points, paired; McNemar p = "
+               f"{best['specialized_mcnemar_p']:.2g}")
+    return ci + ")"
+
+
+def best_sentences(rec: StudyRecords, best: pd.Series) -> list[str]:
+    """The best trial's gain and cost, and the best point of its WiSE-FT curve."""
+    b_spec, b_gen = rec.baseline.get("specialized_top1", math.nan), rec.baseline.get("general_top1", math.nan)
+    lines = [f"The best specialized zero-shot top-1 was {best['specialized_top1']:.1%}, "
+             f"{best['specialized_gain_pts']:+.1f} points over the zero-shot baseline of {b_spec:.1%}"
+             f"{interval_text(best)}, in trial {best['trial_id']} (learning rate {float(best['learning_rate']):.2g}, "
+             f"rank {int(best['lora_rank'])}, data fraction {float(best['data_fraction']):.2f}, tether λ "
+             f"{float(best['tether_weight']):.2f}).",
+             f"That configuration changed general zero-shot top-1 by {best['general_change_pts']:+.1f} points "
+             f"(from {b_gen:.1%} to {best['general_top1']:.1%})."]
     curve = rec.wiseft.get(best["trial_id"])
-    if curve:  # [(alpha, specialized, general)]: the trained change scaled by alpha
-        pts = [(a, (sp - b_spec) * 100, (ge - b_gen) * 100) for a, sp, ge in curve if 0 < a < 1]
-        if pts:
-            a, g, c = max(pts, key=lambda t: t[1] + t[2])
-            lines.append(f"Scaling that trial's trained change by α (WiSE-FT), the largest sum of gain and general "
-                         f"change among 0 < α < 1 was at α = {a:g}: specialized {g:+.1f} points, general {c:+.1f} "
-                         f"points (α = 0 is the baseline exactly, α = 1 the trial above).")
+    pts = [(a, (sp - b_spec) * 100, (ge - b_gen) * 100) for a, sp, ge in curve or [] if 0 < a < 1]
+    if pts:  # the trained change scaled by alpha
+        a, g, c = max(pts, key=lambda t: t[1] + t[2])
+        lines.append(f"Scaling that trial's trained change by α (WiSE-FT), the largest sum of gain and general "
+                     f"change among 0 < α < 1 was at α = {a:g}: specialized {g:+.1f} points, general {c:+.1f} "
+                     f"points (α = 0 is the baseline exactly, α = 1 the trial above).")
+    return lines
+
+
+def retention_sentences(df: pd.DataFrame) -> list[str]:
+    """The best gain that kept general accuracy within 2 points of the baseline, if any trial did."""
     front = df[pareto_mask(df)]
     keep = front[front["general_change_pts"] >= -2]
     if len(keep) and keep["specialized_gain_pts"].max() > 0:
         k = keep.loc[keep["specialized_gain_pts"].idxmax()]
-        lines.append(f"Keeping general accuracy within 2 points of the baseline, the best gain was "
-                     f"{k['specialized_gain_pts']:+.1f} points (trial {k['trial_id']}).")
-    else:
-        lines.append("No trial raised specialized accuracy while keeping general accuracy within 2 points of the "
-                     "baseline.")
-    if not math.isnan(lo) and b_spec * 100 >= lo:
+        return [f"Keeping general accuracy within 2 points of the baseline, the best gain was "
+                f"{k['specialized_gain_pts']:+.1f} points (trial {k['trial_id']})."]
+    return ["No trial raised specialized accuracy while keeping general accuracy within 2 points of the baseline."]
+
+
+def reliability_sentences(rec: StudyRecords, best: pd.Series) -> list[str]:
+    """Whether the best trial's interval holds the baseline, and whether it overlaps the runner-up's."""
+    df, lo = rec.trials, best["specialized_top1_ci_low_pct"]
+    if math.isnan(lo):
+        return []
+    lines = []
+    if rec.baseline.get("specialized_top1", math.nan) * 100 >= lo:
         lines.append("The best trial's interval includes the baseline accuracy: the gain is not distinguishable "
                      "from evaluation noise.")
-    if not math.isnan(lo) and n > 1:
+    if len(df) > 1:
         runner_up = df.drop(index=best.name).sort_values("specialized_gain_pts").iloc[-1]
         if runner_up["specialized_top1_ci_high_pct"] >= lo:
             lines.append(f"The best trial's interval overlaps that of the runner-up ({runner_up['trial_id']}, "
                          f"{runner_up['specialized_gain_pts']:+.1f} points): their order is not reliable.")
-    if imps:
-        for target, imp in imps.items():
-            top, share = next(iter(imp.items()))
-            lines.append(f"The knob that mattered most for the {target} was {top} "
-                         f"({share:.0%} of the explained variance, fANOVA on {n} trials"
-                         f"{'; a rough ranking with fewer than 20' if n < 20 else ''}).")
-    else:
-        lines.append(f"Too few finished trials (fewer than {MIN_TRIALS_FOR_IMPORTANCE}) to rank the knobs.")
-    for knob in ("data_fraction", "lora_rank"):
-        lines.append(saturation(df, knob)[0].upper() + saturation(df, knob)[1:] + ".")
-    if n < MIN_TRIALS_FOR_TRENDS:
-        lines.append(f"With only {n} trial(s), treat every trend here as anecdotal.")
+    return lines
+
+
+def importance_sentences(imps: dict, n: int) -> list[str]:
+    """The most important knob for each target, with how much the ranking can be trusted."""
+    if not imps:
+        return [f"Too few finished trials (fewer than {MIN_TRIALS_FOR_IMPORTANCE}) to rank the knobs."]
+    lines = []
+    for target, imp in imps.items():
+        top, share = next(iter(imp.items()))
+        lines.append(f"The knob that mattered most for the {target} was {top} "
+                     f"({share:.0%} of the explained variance, fANOVA on {n} trials"
+                     f"{'; a rough ranking with fewer than 20' if n < 20 else ''}).")
     return lines
 
 

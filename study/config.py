@@ -14,7 +14,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from .library.benchmarks import BenchmarkSpec, SpecError, resolve
+from .settings import TrialSettings
+from .vocabulary import KNOBS, OBJECTIVE_METRICS, ROLES, TRAIN_METRICS
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 DEFAULT_SPACE = SPACES_DIR / "default.yaml"
@@ -28,53 +32,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# ------------------------------------------------------------------ trial knobs
-Target = Literal["attn", "mlp"]
-Tower = Literal["image", "text"]
-
-
-def _parts(v):
-    """Accept ``["attn", "mlp"]`` or ``"attn+mlp"`` (Optuna's categoricals must be scalars)."""
-    if isinstance(v, str):
-        return [p for p in v.replace(",", "+").split("+") if p]
-    return v
-
-
-class TrialSettings(_Strict):
-    """Everything that defines one fine-tuning trial. Search-space ``params`` name these fields."""
-
-    learning_rate: float = Field(1e-3, gt=0, description="AdamW peak learning rate")
-    lora_rank: int = Field(4, ge=1, description="LoRA adapter rank r")
-    lora_alpha: Optional[float] = Field(None, gt=0, description="LoRA alpha; default 2 x rank")
-    lora_blocks: int = Field(1, ge=0, description="LoRA on the last K residual blocks of each chosen tower")
-    lora_targets: list[Target] = Field(["attn", "mlp"], description="'attn' (in_proj+out_proj) and/or 'mlp'")
-    lora_towers: list[Tower] = Field(["image", "text"], description="towers that get LoRA")
-    train_projections: bool = Field(True, description="train visual.proj and text_projection")
-    train_logit_scale: bool = Field(True, description="train the temperature")
-    tether_weight: float = Field(0.0, ge=0, description="lambda of the MoCLIP tether: squared distance of the "
-                                 "normalized embeddings to the frozen model's")
-    data_fraction: float = Field(1.0, gt=0, le=1, description="nested share of the fine-tuning split")
-    epochs: int = Field(3, ge=1, le=1000)
-    batch_size: int = Field(64, ge=2, description="global batch (split across workers)")
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(10, ge=0)
-    seed: int = Field(0, ge=0)
-
-    @field_validator("lora_targets", "lora_towers", mode="before")
-    @classmethod
-    def _split_parts(cls, v):
-        return _parts(v)
-
-    @model_validator(mode="after")
-    def _something_trains(self):
-        lora = self.lora_blocks > 0 and self.lora_targets and self.lora_towers
-        if not (lora or self.train_projections or self.train_logit_scale):
-            raise ValueError("nothing to train: enable LoRA (lora_blocks, lora_targets, lora_towers), "
-                             "train_projections or train_logit_scale")
-        return self
-
-
-TRIAL_FIELDS = set(TrialSettings.model_fields)
+TRIAL_FIELDS = set(KNOBS)
 
 
 # ------------------------------------------------------------ search space
@@ -112,15 +70,9 @@ Distribution = Annotated[Union[Uniform, LogUniform, QUniform, IntRange, Categori
                          Field(discriminator="distribution")]
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "int", "logint", "categorical")
 
-METRICS = ("specialized_top1", "specialized_balanced_accuracy", "general_top1", "general_balanced_accuracy",
-           "specialized_top1_gain", "general_top1_change",
-           # at the trial's best WiSE-FT alpha (evaluation.wiseft_select picks it)
-           "wiseft_best_specialized_top1", "wiseft_best_general_top1", "wiseft_best_specialized_top1_gain",
-           "wiseft_best_general_top1_change", "wiseft_best_mean_top1")
-
 
 class Objective(_Strict):
-    metric: Literal[METRICS]  # type: ignore[valid-type]
+    metric: Literal[OBJECTIVE_METRICS]  # type: ignore[valid-type]
     mode: Literal["max", "min"] = "max"
 
 
@@ -150,8 +102,8 @@ class FinetuneData(_Strict):
     max_undecodable_share: float = Field(0.01, ge=0, le=1)  # skip and count broken images up to this share
 
 
-ROLES = ("specialized", "general")
-BenchmarkRef = Union[str, dict]  # a shipped spec name, a spec file path, or an inline spec
+# A shipped spec name, a spec file path, or an inline spec; load_study_config resolves each to a BenchmarkSpec.
+BenchmarkRef = Union[BenchmarkSpec, str, dict]
 
 
 class DataSection(_Strict):
@@ -172,11 +124,10 @@ class DataSection(_Strict):
     def _one_or_many(cls, v):
         return [v] if isinstance(v, (str, dict)) else v
 
-    def specs(self, role: str, file: str = "study config"):
-        """The role's benchmarks as validated :class:`~study.benchmarks.BenchmarkSpec`, headline first."""
-        from .benchmarks import resolve
-
-        specs = [resolve(ref, f"{file}: data.{role}.{i}", f"{role}{i}" if i else role)
+    def specs(self, role: str, file: str = "study config") -> list[BenchmarkSpec]:
+        """The role's benchmarks as validated :class:`~study.library.benchmarks.BenchmarkSpec`, headline first."""
+        specs = [ref if isinstance(ref, BenchmarkSpec) else
+                 resolve(ref, f"{file}: data.{role}.{i}", f"{role}{i}" if i else role)
                  for i, ref in enumerate(getattr(self, role))]
         primary = next((s for s in specs if s.task == "classification"), None)
         if primary is None:
@@ -187,12 +138,20 @@ class DataSection(_Strict):
             raise ConfigError(f"{file}: data.{role}: benchmark names repeat: {names}")
         return [primary] + [s for s in specs if s is not primary]
 
+    def resolved(self, file: str = "study config") -> "DataSection":
+        """A copy whose benchmark references are all resolved specs (names and files read once, here, so
+        workers never need the files)."""
+        try:
+            return self.model_copy(update={role: self.specs(role, file) for role in ROLES})
+        except SpecError as exc:
+            raise ConfigError(str(exc)) from None
+
 
 class EarlyStopping(_Strict):
     """ASHA: stop the trials that trail at each rung (epochs grace_period, x reduction_factor, ...)."""
 
     type: Literal["asha"] = "asha"
-    metric: Optional[Literal[METRICS + ("train_loss",)]] = None  # type: ignore[valid-type]  # default: first objective
+    metric: Optional[Literal[OBJECTIVE_METRICS + TRAIN_METRICS[:1]]] = None  # type: ignore[valid-type]  # default: first objective
     mode: Optional[Literal["max", "min"]] = None
     grace_period: int = Field(1, ge=1)  # epochs every trial gets
     reduction_factor: float = Field(3, gt=1)
@@ -267,8 +226,6 @@ def _validate_params(params: dict, file: str) -> dict:
                 raise ConfigError(f"{file}: params.{name}.distribution: unknown distribution "
                                   f"{spec['distribution']!r}; choose from {', '.join(DISTRIBUTIONS)}")
             try:
-                from pydantic import TypeAdapter
-
                 dist = TypeAdapter(Distribution).validate_python(spec)
             except ValidationError as err:
                 raise ConfigError(_fmt(err, file, ("params", name))) from None
@@ -333,13 +290,7 @@ def load_study_config(path: Path | str | None = None, overrides: list[tuple[str,
     except ValidationError as err:
         raise ConfigError(_fmt(err, file)) from None
     params = _validate_params(cfg.params, file)
-    from .benchmarks import SpecError
-
-    for role in ROLES:  # resolve spec names and files once, here, so workers never need the files
-        try:
-            setattr(cfg.data, role, [spec.model_dump() for spec in cfg.data.specs(role, file)])
-        except SpecError as exc:
-            raise ConfigError(str(exc)) from None
+    cfg.data = cfg.data.resolved(file)
     if not any(isinstance(v, BaseModel) for v in params.values()):
         raise ConfigError(f"{file}: params: nothing to search; give at least one parameter a distribution")
     return cfg, params

@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from .benchmarks import SpecError, decode, load_spec, shipped_specs
-from .data import DataError
-from .models import OFFLINE_MODEL, ModelError, check_model, load_base_model
+from .library.benchmarks import SpecError, decode, load_spec, shipped_specs
+from .library.models import OFFLINE_MODEL, ModelError, check_model, load_base_model
+from .library.sources import DataError
 
 EXAMPLES = """examples:
   python -m study.evaluate --benchmark micrographs --benchmark shapes     # the offline base model
@@ -51,17 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_weights(model: str, pretrained: str | None, cache_dir: Path) -> str | None:
     """The weights to load; for the offline model, the same cached checkpoint the default study uses."""
-    from .config import ModelSection, StudyConfig
-    from .prepare import resolve_pretrained
+    from .config import ModelSection
+    from .library.pretrain import resolve_weights
 
     check_model(model, pretrained, where="--model/--pretrained")
-    return resolve_pretrained(StudyConfig(model=ModelSection(name=model, pretrained=pretrained)), cache_dir)
+    return resolve_weights(ModelSection(name=model, pretrained=pretrained), cache_dir)
 
 
 def evaluate_specs(model_name: str, pretrained: str | None, specs, cache_dir: Path, device: str = "cpu",
                    batch_size: int = 256, seed: int = 0, scale: float = 1.0) -> dict:
     """Metrics ``{"<spec name>_<metric>": value}`` of one model on ``specs``."""
-    from .zeroshot import evaluate_sets
+    from .library.zeroshot import evaluate_sets
 
     lm = load_base_model(model_name, pretrained, device=device)
     sets = [decode(spec, spec.name, True, cache_dir, lm.preprocess, seed, scale) for spec in specs]

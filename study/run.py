@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from .config import SPACES_DIR, ConfigError, load_study_config, parse_override
-from .data import DataError
-from .models import ModelError
+from .library.models import ModelError
+from .library.sources import DataError
 
 SMOKE_OVERRIDES = [  # the tiniest real study: 2 trials, one short epoch, tiny data and base model
     ("search.trials", 2), ("search.max_concurrent", 2), ("params.epochs", 1), ("params.batch_size", 32),
@@ -104,22 +104,31 @@ def config_from_args(args):
     return load_study_config(args.space, overrides)
 
 
+def options_from_args(args):
+    """The run's typed options (the one place the argparse namespace is read below ``main``)."""
+    from .orchestration.study import RunOptions
+
+    return RunOptions(output_dir=args.output_dir.resolve(), cache_dir=args.cache_dir.resolve(),
+                      tracking_uri=args.tracking_uri, storage_path=args.storage_path, address=args.address,
+                      resume=args.resume)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg, params = config_from_args(args)
-        state_file = (args.output_dir / cfg.name / "sweep.json").resolve()
-        if args.resume and not state_file.exists():
+        opts = options_from_args(args)
+        if opts.resume and not opts.state_file(cfg.name).exists():
             raise ConfigError(f"--resume: no sweep of study {cfg.name!r} under {args.output_dir} to resume")
-        from .prepare import prepare
+        from .orchestration.prepare import prepare
 
-        prepared = prepare(cfg, args.cache_dir.resolve())
+        prepared = prepare(cfg, opts.cache_dir)
     except (ConfigError, DataError, ModelError, OSError) as exc:  # each names the file and field at fault
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from .orchestrate import run_study
+    from .orchestration.study import run_study
 
-    return run_study(cfg, params, prepared, args, state_file)
+    return run_study(cfg, params, prepared, opts)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def smoke_cache(tmp_path_factory) -> Path:
 def smoke_world(smoke_cache):
     """The smoke study config, with its data and base model built in ``smoke_cache``."""
     from study.config import load_study_config
-    from study.prepare import prepare
+    from study.orchestration.prepare import prepare
     from study.run import SMOKE_OVERRIDES
 
     cfg, params = load_study_config(None, SMOKE_OVERRIDES)

@@ -6,11 +6,12 @@ import pytest
 import torch
 from open_clip.loss import ClipLoss
 
-from study.adapters import apply_alignment_module, interpolate, load_trainable_state, lora_target_regex, \
-    save_adapter, tower_is_frozen, trainable_state, unwrap, weight_change_norm
-from study.config import TrialSettings
-from study.models import load_base_model
-from study.zeroshot import accuracy_metrics, zero_shot_classifier
+from study.library.alignment import apply_alignment_module, load_trainable_state, lora_target_regex, save_adapter, \
+    tower_is_frozen, trainable_state, unwrap, weight_change_norm
+from study.library.wiseft import interpolate
+from study.settings import TrialSettings
+from study.library.models import load_base_model
+from study.library.zeroshot import accuracy_metrics, zero_shot_classifier
 
 
 @pytest.fixture
@@ -102,7 +103,7 @@ def test_accuracy_metrics_balanced():
 
 
 def test_tether_is_squared_distance_of_normalized_embeddings():
-    from study.train_loop import tether_loss
+    from study.library.objective import tether_loss
 
     a = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
     b = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
@@ -111,7 +112,7 @@ def test_tether_is_squared_distance_of_normalized_embeddings():
 
 
 def test_detailed_metrics_intervals_and_paired_test():
-    from study.zeroshot import detailed_metrics
+    from study.library.zeroshot import detailed_metrics
 
     gen = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 5, (400,), generator=gen)

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from study.benchmarks import SpecError, check, decode, load_spec, shipped_specs, spec_from_dict
-from study.zeroshot import FeatureCache, retrieval_hits, retrieval_metrics
+from study.library.benchmarks import SpecError, check, decode, load_spec, shipped_specs, spec_from_dict
+from study.library.cache import FeatureCache
+from study.library.zeroshot import retrieval_hits, retrieval_metrics
 
 OFFLINE = {"micrographs", "micrographs-captions", "shapes"}
 REAL = {"pcam", "pathmnist", "bloodmnist", "dermamnist", "cifar10"}
@@ -187,7 +188,7 @@ def test_study_config_names_benchmarks_by_spec_and_rejects_unknown_ones(tmp_path
     from study.config import ConfigError, load_study_config
 
     cfg, _ = load_study_config(None, [("data.general", ["shapes", "cifar10"])])
-    assert [s["name"] for s in cfg.data.general] == ["shapes", "cifar10"]
+    assert [s.name for s in cfg.data.general] == ["shapes", "cifar10"]  # resolved once, typed
     with pytest.raises(ConfigError, match="nope: no such benchmark spec; shipped specs: bloodmnist"):
         load_study_config(None, [("data.general", ["nope"])])
     with pytest.raises(ConfigError, match=r"data\.specialized: needs a classification benchmark"):

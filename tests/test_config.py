@@ -96,8 +96,8 @@ def test_trial_settings_parse_parts_and_refuse_empty_training():
 
 
 def test_fractional_gpus_pack_trials_and_auto_concurrency_is_accepted():
-    from study.sweep import SweepContext, scaling_config
-    from study.train_loop import WorkerJob
+    from study.orchestration.trial import SweepContext, scaling_config
+    from study.orchestration.worker import WorkerJob
 
     cfg, _ = load_study_config(None, [("resources.gpus_per_worker", 0.25), ("resources.workers_per_trial", 2),
                                       ("search.max_concurrent", "auto")])

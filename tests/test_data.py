@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from study.data import DataError, images_to_tensor, load_source, nested_subset, require_columns
-from study.synthetic import HELD_OUT_COMBOS, MORPHOLOGIES, STAINS, general_example, micrograph_example
+from study.library.finetune import nested_subset
+from study.library.images import images_to_tensor
+from study.library.sources import DataError, load_source, require_columns
+from study.library.synthetic import HELD_OUT_COMBOS, MORPHOLOGIES, STAINS, general_example, micrograph_example
 
 
 def _images(folder: Path, n: int = 4) -> list[Path]:
@@ -114,7 +116,7 @@ def test_corrupt_image_is_reported(tmp_path):
 
 def test_finetune_subset_skips_undecodable_rows_and_keeps_captions_aligned(tmp_path):
     from study.config import DataSection, FinetuneData
-    from study.domain import finetune_tensors
+    from study.library.finetune import finetune_tensors
 
     imgs = _images(tmp_path / "imgs", 4)
     imgs[2].write_bytes(b"garbage")

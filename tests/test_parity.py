@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from study.benchmarks import decode, load_spec
+from study.library.benchmarks import decode, load_spec
 from study.evaluate import main as evaluate_main
-from study.models import load_base_model
-from study.zeroshot import evaluate_sets
+from study.library.models import load_base_model
+from study.library.zeroshot import evaluate_sets
 
 
 @pytest.fixture

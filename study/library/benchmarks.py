@@ -21,10 +21,12 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .data import (MAX_CACHED_BYTES, DataError, EmptySplitError, fingerprint, images_to_tensor, load_source,
-                   save_atomic, source_stamp)
+from ..vocabulary import ROLES
+from .cache import MAX_CACHED_BYTES, fingerprint, save_atomic, source_stamp, tensor_cache
+from .images import images_to_tensor
+from .sources import DataError, EmptySplitError, load_source
 
-SPECS_DIR = Path(__file__).resolve().parent / "benchmark_specs"
+SPECS_DIR = Path(__file__).resolve().parent.parent / "benchmark_specs"
 Task = Literal["classification", "retrieval"]
 
 
@@ -238,6 +240,17 @@ def decode(spec: BenchmarkSpec, role: str, primary: bool, cache_dir: Path, prepr
         state = torch.load(cached, weights_only=True)
         return EvalSet(spec, role, primary, state["images"], state.get("labels"), state["classnames"],
                        state["prompts"], state["captions"], state.get("caption_image"), state["skipped"], key)
+    out = _decode_fresh(spec, role, primary, cache_dir, preprocess, seed, scale)
+    out.fingerprint = key
+    if cached and out.images.numel() * out.images.element_size() <= MAX_CACHED_BYTES:
+        save_atomic({"images": out.images, "labels": out.labels, "classnames": out.classnames,
+                     "prompts": out.prompts, "captions": out.captions, "caption_image": out.caption_image,
+                     "skipped": out.skipped}, cached)
+    return out
+
+
+def _decode_fresh(spec: BenchmarkSpec, role: str, primary: bool, cache_dir: Path, preprocess, seed: int,
+                  scale: float) -> EvalSet:
     ds = load_split(spec, cache_dir, seed, scale)
     try:
         images, kept = images_to_tensor(ds, spec.image_column, preprocess, where=spec.origin or spec.name,
@@ -249,7 +262,7 @@ def decode(spec: BenchmarkSpec, role: str, primary: bool, cache_dir: Path, prepr
         print(f"[data] {spec.name}: skipped {skipped} of {len(ds)} images that cannot be decoded "
               f"(max_undecodable_share {spec.max_undecodable_share})", flush=True)
     ds = ds.select(kept)
-    out = EvalSet(spec, role, primary, images, skipped=skipped, fingerprint=key)
+    out = EvalSet(spec, role, primary, images, skipped=skipped)
     if spec.task == "classification":
         out.classnames = classnames_for(spec, ds)
         out.labels = torch.tensor([int(y) for y in ds[spec.label_column]])
@@ -261,7 +274,19 @@ def decode(spec: BenchmarkSpec, role: str, primary: bool, cache_dir: Path, prepr
             out.captions += [str(c) for c in caps]
             owner += [i] * len(caps)
         out.caption_image = torch.tensor(owner)
-    if cached and images.numel() * images.element_size() <= MAX_CACHED_BYTES:
-        save_atomic({"images": images, "labels": out.labels, "classnames": out.classnames, "prompts": out.prompts,
-                     "captions": out.captions, "caption_image": out.caption_image, "skipped": skipped}, cached)
     return out
+
+
+def eval_sets(data, cache_dir: Path, preprocess, roles=ROLES) -> list[EvalSet]:
+    """Every benchmark of ``roles`` in a study's data section (:class:`~study.config.DataSection`, specs
+    resolved), decoded for ``preprocess``; tensors cached under ``<cache>/eval``."""
+    return [decode(spec, role, i == 0, cache_dir, preprocess, data.seed, data.offline_scale,
+                   tensor_cache=tensor_cache(cache_dir))
+            for role in roles for i, spec in enumerate(data.specs(role))]
+
+
+def check_benchmarks(data, cache_dir: Path) -> dict[str, int]:
+    """Load every benchmark's split of a data section and check columns and class names (no decoding):
+    ``{name: images}``."""
+    return {spec.name: check(spec, cache_dir, data.seed, data.offline_scale)
+            for role in ROLES for spec in data.specs(role)}

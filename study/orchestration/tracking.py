@@ -18,11 +18,12 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from ..vocabulary import (FAILURE_TAG, FINAL_PREFIX, FINISHED, GIT_COMMIT_TAG, KIND_TAG, MLFLOW_STATUS, ORPHANED,
+                          PARENT_TAG, RUN_NAME_TAG, RUNNING, STATUS_TAG, TRIAL, TRIAL_TAG, EARLY_STOPPED, FAILED)
+
 PACKAGES = ("torch", "torchvision", "open_clip_torch", "peft", "ray", "optuna", "mlflow", "datasets", "numpy",
             "pydantic")
-TRIAL_TAG = "study.trial_id"
-KIND_TAG = "study.kind"
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parent.parent.parent
 
 
 def default_tracking_uri() -> str:
@@ -52,7 +53,7 @@ def git_commit() -> str:
 
 
 def provenance_tags() -> dict[str, str]:
-    tags = {"mlflow.source.git.commit": git_commit()}
+    tags = {GIT_COMMIT_TAG: git_commit()}
     tags.update({f"version.{k}": v for k, v in package_versions().items()})
     return tags
 
@@ -103,7 +104,7 @@ def log_params(c, run_id: str, params: dict[str, str]) -> None:
 
 
 def find_trial_run(c, experiment_id: str, parent_run_id: str, trial_id: str):
-    runs = c.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
+    runs = c.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}' "
                                           f"and tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=5)
     return runs[0] if runs else None
 
@@ -112,19 +113,19 @@ def ensure_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, 
                      params: dict, config_text: str, extra_tags: dict | None = None) -> str:
     """The child run of ``trial_id``: found by tag if it exists (resume), created otherwise.
 
-    ``extra_tags`` may mark it, e.g. ``{"study.kind": "replicate", "study.replicate_of": <trial id>}``.
+    ``extra_tags`` may mark it, e.g. a seed replicate's ``{KIND_TAG: REPLICATE, REPLICATE_OF_TAG: <trial id>}``.
     """
     c = client(tracking_uri)
     run = find_trial_run(c, experiment_id, parent_run_id, trial_id)
     if run is None:
-        tags = {"mlflow.parentRunId": parent_run_id, KIND_TAG: "trial", TRIAL_TAG: trial_id,
-                "mlflow.runName": trial_id, "study.status": "RUNNING", **provenance_tags(), **(extra_tags or {})}
+        tags = {PARENT_TAG: parent_run_id, KIND_TAG: TRIAL, TRIAL_TAG: trial_id, RUN_NAME_TAG: trial_id,
+                STATUS_TAG: RUNNING, **provenance_tags(), **(extra_tags or {})}
         run = c.create_run(experiment_id, tags=tags, run_name=trial_id)
         log_params(c, run.info.run_id, flat_params(params))
         log_dict_artifact(c, run.info.run_id, None, "trial_config.json", config_text)
     else:
-        c.update_run(run.info.run_id, status="RUNNING")
-        c.set_tag(run.info.run_id, "study.status", "RUNNING")
+        c.update_run(run.info.run_id, status=MLFLOW_STATUS[RUNNING])
+        c.set_tag(run.info.run_id, STATUS_TAG, RUNNING)
     return run.info.run_id
 
 
@@ -133,12 +134,12 @@ def mark_orphans(c, experiment_id: str, parent_run_id: str, known_trials: set[st
 
     They are kept, never deleted, but tagged ``study.status=ORPHANED`` so analysis skips them.
     """
-    runs = c.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
-                                          f"and tags.`{KIND_TAG}` = 'trial'", max_results=10000)
+    runs = c.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}' "
+                                          f"and tags.`{KIND_TAG}` = '{TRIAL}'", max_results=10000)
     orphans = [r for r in runs if r.data.tags.get(TRIAL_TAG) not in known_trials
-               and r.data.tags.get("study.status") != "ORPHANED"]
+               and r.data.tags.get(STATUS_TAG) != ORPHANED]
     for r in orphans:
-        end_trial_run(c, r.info.run_id, "ORPHANED",
+        end_trial_run(c, r.info.run_id, ORPHANED,
                       reason="the sweep was killed before Tune recorded this trial; resumed without it")
     return [r.data.tags.get(TRIAL_TAG, "?") for r in orphans]
 
@@ -146,28 +147,31 @@ def mark_orphans(c, experiment_id: str, parent_run_id: str, known_trials: set[st
 def close_stopped_runs(c, experiment_id: str, parent_run_id: str, stopped_trials: set[str]) -> list[str]:
     """Close the runs of trials the scheduler stopped (their driver was stopped mid-fit): FINISHED when the
     trial had written its final records, else ``study.status=EARLY_STOPPED``; returns the early-stopped ids."""
-    runs = c.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=10000)
+    runs = c.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=10000)
     closed = []
     for r in runs:
         tid = r.data.tags.get(TRIAL_TAG)
         # RUNNING: killed mid-fit; FAILED: its driver saw the Train run aborted before Tune killed it.
-        if tid in stopped_trials and r.data.tags.get("study.status") in ("RUNNING", "FAILED"):
-            if "study.failure_reason" in r.data.tags:
-                c.delete_tag(r.info.run_id, "study.failure_reason")
+        if tid in stopped_trials and r.data.tags.get(STATUS_TAG) in (RUNNING, FAILED):
+            if FAILURE_TAG in r.data.tags:
+                c.delete_tag(r.info.run_id, FAILURE_TAG)
             # A trial whose final records are all in (logged before its last report) did finish.
-            complete = any(k.startswith("final/") for k in r.data.metrics)
-            c.set_tag(r.info.run_id, "study.status", "FINISHED" if complete else "EARLY_STOPPED")
-            c.set_terminated(r.info.run_id, status="FINISHED")
+            complete = any(k.startswith(FINAL_PREFIX) for k in r.data.metrics)
+            status = FINISHED if complete else EARLY_STOPPED
+            c.set_tag(r.info.run_id, STATUS_TAG, status)
+            c.set_terminated(r.info.run_id, status=MLFLOW_STATUS[status])
             if not complete:
                 closed.append(tid)
     return closed
 
 
 def end_trial_run(c, run_id: str, status: str, reason: str | None = None) -> None:
-    c.set_tag(run_id, "study.status", status)
+    """Close a trial's run with a study status (``vocabulary.FINISHED``, ``FAILED``, ``ORPHANED``...) and,
+    for failures, the reason."""
+    c.set_tag(run_id, STATUS_TAG, status)
     if reason:
-        c.set_tag(run_id, "study.failure_reason", reason[:5000])
-    c.set_terminated(run_id, status={"FINISHED": "FINISHED", "ORPHANED": "KILLED"}.get(status, "FAILED"))
+        c.set_tag(run_id, FAILURE_TAG, reason[:5000])
+    c.set_terminated(run_id, status=MLFLOW_STATUS.get(status, "FAILED"))
 
 
 def log_confusion(c, run_id: str, bench: str, matrix, classnames: list[str]) -> None:
@@ -263,10 +267,10 @@ class TrialLogger:
     def log_final(self, model, metrics: dict) -> None:
         from mlflow.entities import Metric
 
-        from .adapters import save_adapter
+        from ..library.alignment import save_adapter
 
         now = int(time.time() * 1000)
-        final = [Metric(f"final/{k}", float(v), now, 0) for k, v in metrics.items()]
+        final = [Metric(f"{FINAL_PREFIX}{k}", float(v), now, 0) for k, v in metrics.items()]
         tmp = tempfile.mkdtemp(prefix="adapter-")
         folder = save_adapter(model, Path(tmp) / "adapter")  # now, while the weights are the final ones
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import TrialSettings
+from ..settings import TrialSettings
 
 TOWER_PREFIX = {"image": "visual.transformer.resblocks", "text": "transformer.resblocks"}
 PROJECTIONS = ("visual.proj", "text_projection")
@@ -62,7 +62,7 @@ def _has(module, name) -> bool:
         return False
 
 
-def _undistributed(model: torch.nn.Module) -> torch.nn.Module:
+def undistributed(model: torch.nn.Module) -> torch.nn.Module:
     """The module under a DDP wrapper (peft's wrapper kept: its parameter names are the checkpoint's)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
@@ -80,38 +80,17 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Detached copies of every trainable tensor, keyed by name under the peft wrapper."""
-    m = _undistributed(model)
+    m = undistributed(model)
     return {n: p.detach().cpu().clone() for n, p in m.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    m = _undistributed(model)
+    """Copy ``state`` (from :func:`trainable_state`) into the model's trainable tensors in place."""
+    m = undistributed(model)
     params = dict(m.named_parameters())
     with torch.no_grad():
         for n, t in state.items():
             params[n].copy_(t)
-
-
-def interpolate(model: torch.nn.Module, initial: dict[str, torch.Tensor], trained: dict[str, torch.Tensor],
-                alpha: float) -> None:
-    """WiSE-FT: scale the trained change by ``alpha`` in place.
-
-    LoRA deltas are scaled through peft's ``set_scale`` (``alpha * lora_alpha / r``), since the delta
-    ``B @ A`` is bilinear in the adapter weights; projections and temperature become
-    ``initial + alpha * (trained - initial)``. ``alpha = 0`` gives the base model exactly (the delta is
-    multiplied by zero), ``alpha = 1`` the fine-tuned one.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    m = _undistributed(model)
-    for module in m.modules():
-        if isinstance(module, LoraLayer):
-            for adapter in list(module.scaling):
-                module.set_scale(adapter, alpha)
-    params = dict(m.named_parameters())
-    with torch.no_grad():
-        for n, t in trained.items():
-            params[n].copy_(t if "lora_" in n else initial[n] + alpha * (t - initial[n]))
 
 
 def tower_is_frozen(s: TrialSettings, tower: str) -> bool:
@@ -128,7 +107,7 @@ def weight_change_norm(model: torch.nn.Module, initial: dict[str, torch.Tensor])
     """
     from peft.tuners.lora import LoraLayer
 
-    m = _undistributed(model)
+    m = undistributed(model)
     total = 0.0
     with torch.no_grad():
         for module in m.modules():
@@ -145,7 +124,7 @@ def save_adapter(model: torch.nn.Module, out_dir: Path) -> Path:
     """Write the peft adapter (if any) and the other trainable tensors as safetensors under ``out_dir``."""
     from safetensors.torch import save_file
 
-    m = _undistributed(model)
+    m = undistributed(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     if hasattr(m, "save_pretrained"):
         m.save_pretrained(str(out_dir))

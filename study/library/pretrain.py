@@ -8,18 +8,19 @@ never reuse a stale one.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .config import DataSection
-from .data import fingerprint, images_to_tensor, load_source, save_atomic
-from .domain import eval_sets
+from ..config import DataSection, ModelSection
+from .benchmarks import eval_sets
+from .cache import fingerprint, save_atomic
+from .images import images_to_tensor
 from .models import OFFLINE_MODEL, load_base_model, model_config
-from .train_loop import lr_lambda
+from .objective import clamp_logit_scale, lr_lambda
+from .sources import load_source
 from .zeroshot import evaluate_sets
 
 
@@ -40,6 +41,14 @@ def checkpoint_path(cache_dir: Path, settings: PretrainSettings) -> Path:
     return Path(cache_dir) / "models" / f"{OFFLINE_MODEL}-{key}.pt"
 
 
+def resolve_weights(model: ModelSection, cache_dir: Path) -> str | None:
+    """The weights to load for a study's ``model`` section: its tag or checkpoint path, or for the offline
+    default (``clip-study-tiny`` with no tag) the cached pretrained checkpoint, pretrained first if missing."""
+    if model.name == OFFLINE_MODEL and model.pretrained is None:
+        return str(ensure_pretrained(cache_dir, PretrainSettings(**model.pretrain.model_dump())))
+    return model.pretrained
+
+
 def ensure_pretrained(cache_dir: Path, settings: PretrainSettings) -> Path:
     """Path of the cached offline base checkpoint; pretrains it first if missing."""
     path = checkpoint_path(cache_dir, settings)
@@ -54,10 +63,10 @@ def pretrain(out_path: Path, cache_dir: Path, s: PretrainSettings) -> dict:
 
     torch.manual_seed(s.seed)
     t0 = time.time()
-    lm = load_base_model(OFFLINE_MODEL, None)
+    lm = load_base_model(OFFLINE_MODEL, None, trainable=True)
     model, tok = lm.model, lm.tokenizer
     # The general domain and its benchmark exactly as the default study configures them.
-    data = DataSection(seed=s.seed, offline_scale=s.data_scale)
+    data = DataSection(seed=s.seed, offline_scale=s.data_scale).resolved()
     general = data.specs("general")[0]
     train = load_source(general.source, "train", cache_dir=cache_dir, seed=s.seed, scale=s.data_scale)
     images, _ = images_to_tensor(train, "image", lm.preprocess)
@@ -83,8 +92,7 @@ def pretrain(out_path: Path, cache_dir: Path, s: PretrainSettings) -> dict:
         loss.backward()
         opt.step()
         sched.step()
-        with torch.no_grad():  # as in open_clip's training loop
-            model.logit_scale.clamp_(0, math.log(100))
+        clamp_logit_scale(model.logit_scale)
         if step % max(1, s.steps // 10) == 0 or step == s.steps:
             print(f"[pretrain] step {step}/{s.steps}  loss {loss.item():.3f}  {time.time() - t0:.0f}s", flush=True)
     values, _, _ = evaluate_sets(model, tok, sets, "cpu")

@@ -10,26 +10,32 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from .summary import TrialOutcome
-from .sweep import REPLICATE_OF
-
-REPORTED = ("specialized_top1", "general_top1", "specialized_top1_gain", "general_top1_change",
-            "wiseft_best_specialized_top1", "wiseft_best_general_top1")
+from ..selection import best_trial
+from ..vocabulary import DONE, REPLICATED
+from .summary import TrialOutcome, records
+from .trial import REPLICATE_OF, tune_config
 
 
 def pick_best(rows: list[TrialOutcome], metric: str, mode: str, top: int | None) -> list[TrialOutcome]:
-    """The ``top`` finished trials by ``metric`` (all of them when ``top`` is None)."""
-    done = [r for r in rows if r.status == "TERMINATED" and metric in r.metrics]
-    done.sort(key=lambda r: r.metrics[metric], reverse=mode == "max")
-    return done if top is None else done[:top]
+    """The ``top`` finished trials by ``metric`` (all of them when ``top`` is None), best first, ranked by
+    :func:`study.selection.best_trial`'s rule (ties included)."""
+    left, out = records(rows), []
+    while left and (top is None or len(out) < top):
+        tid = best_trial(left, metric, mode)
+        if tid is None:
+            break
+        out.append(next(r for r in rows if r.trial_id == tid))
+        left = [rec for rec in left if rec[0] != tid]
+    return out
 
 
-def replicate_configs(best: list[TrialOutcome], seeds: int) -> list[dict]:
-    """One Tune config per extra seed of each chosen trial, tagged with the trial it replicates."""
+def replicate_configs(best: list[TrialOutcome], seeds: int, fixed: dict) -> list[dict]:
+    """One Tune config per extra seed of each chosen trial (``fixed`` knobs left to the context), tagged
+    with the trial it replicates."""
     out = []
     for r in best:
-        base_seed = int(r.config.get("seed", 0))
-        out += [{**r.config, "seed": base_seed + k, REPLICATE_OF: r.trial_id} for k in range(1, seeds)]
+        config = tune_config(r.settings, fixed)
+        out += [{**config, "seed": r.settings.seed + k, REPLICATE_OF: r.trial_id} for k in range(1, seeds)]
     return out
 
 
@@ -50,9 +56,8 @@ def spreads(best: list[TrialOutcome], replicate_rows: list[TrialOutcome]) -> lis
     """Per chosen trial: its metrics and those of its finished replicates."""
     out = []
     for r in best:
-        runs = [r] + [x for x in replicate_rows if x.status == "TERMINATED"
-                      and x.config.get("replicate", x.config).get(REPLICATE_OF) == r.trial_id]
-        values = {k: [x.metrics[k] for x in runs if k in x.metrics] for k in REPORTED}
+        runs = [r] + [x for x in replicate_rows if x.status == DONE and x.replicate_of == r.trial_id]
+        values = {k: [x.metrics[k] for x in runs if k in x.metrics] for k in REPLICATED}
         out.append(Spread(r.trial_id, len(runs), {k: v for k, v in values.items() if v}))
     return out
 

@@ -13,10 +13,13 @@ from typing import Optional
 
 import torch
 
-from .config import StudyConfig
-from .domain import check_benchmarks, decoded_finetune, eval_sets, load_finetune_split
-from .models import OFFLINE_MODEL, check_model, load_base_model, model_id
-from .zeroshot import FeatureCache, evaluate_sets
+from ..config import StudyConfig
+from ..library.benchmarks import check_benchmarks, eval_sets
+from ..library.cache import feature_cache
+from ..library.finetune import decoded_finetune, load_finetune_split
+from ..library.models import check_model, load_base_model
+from ..library.pretrain import resolve_weights
+from ..library.zeroshot import evaluate_sets
 
 
 @dataclass
@@ -37,25 +40,11 @@ def check_inputs(cfg: StudyConfig, cache_dir: Path) -> int:
     return len(ds)
 
 
-def resolve_pretrained(cfg: StudyConfig, cache_dir: Path) -> Optional[str]:
-    """The weights to load: the configured tag/path, or the offline default (pretrained once, cached)."""
-    if cfg.model.name == OFFLINE_MODEL and cfg.model.pretrained is None:
-        from .pretrain import PretrainSettings, ensure_pretrained
-
-        return str(ensure_pretrained(cache_dir, PretrainSettings(**cfg.model.pretrain.model_dump())))
-    return cfg.model.pretrained
-
-
-def feature_cache(cache_dir: Path, model_name: str, pretrained: Optional[str]) -> FeatureCache:
-    """Where every trial finds the base model's embeddings of a tower it leaves frozen."""
-    return FeatureCache(Path(cache_dir) / "eval" / "features", model_id(model_name, pretrained))
-
-
 def prepare(cfg: StudyConfig, cache_dir: Path) -> Prepared:
     """Check inputs, resolve the base model and evaluate it (the baseline) on every benchmark."""
     t0 = time.time()
     pairs = check_inputs(cfg, cache_dir)
-    pretrained = resolve_pretrained(cfg, cache_dir)
+    pretrained = resolve_weights(cfg.model, cache_dir)
     torch.manual_seed(0)
     lm = load_base_model(cfg.model.name, pretrained)
     decoded_finetune(cfg.data.finetune, cfg.data, cache_dir, lm.preprocess)  # undecodable images stop us here

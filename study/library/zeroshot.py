@@ -10,13 +10,11 @@ reuse a frozen tower's embeddings from a :class:`FeatureCache`.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import fingerprint, save_atomic
+from .cache import FeatureCache
 
 
 @torch.no_grad()
@@ -95,37 +93,14 @@ def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, caption_image: torch
     return out
 
 
-class FeatureCache:
-    """Embeddings of a frozen tower, computed once per study and shared by every trial through files.
-
-    Keys name the model weights (``model_id``) and the inputs (a benchmark's fingerprint, or its
-    prompts), so a file is only ever reused for the same frozen weights and the same data.
-    """
-
-    def __init__(self, folder: Path | None, model_id: str):
-        self.folder = Path(folder) if folder else None
-        self.model_id = model_id
-        self.hits = 0
-
-    def get(self, kind: str, key: str, compute):
-        if self.folder is None:
-            return compute()
-        path = self.folder / f"{kind}-{fingerprint(self.model_id, key)}.pt"
-        if path.exists():
-            self.hits += 1
-            return torch.load(path, weights_only=True)
-        value = compute().cpu()
-        save_atomic(value, path)
-        return value
-
-
 @torch.no_grad()
 def evaluate_sets(model, tokenizer, sets, device, *, detailed: bool = False, baseline_predictions=None,
                   cache: FeatureCache | None = None, frozen_image: bool = False, frozen_text: bool = False,
                   seed: int = 0, batch_size: int = 256) -> tuple[dict, dict, dict]:
-    """Zero-shot metrics of ``model`` on every :class:`~study.benchmarks.EvalSet`.
+    """Zero-shot metrics of ``model`` on every benchmark of a study.
 
-    Returns ``(metrics, confusions, predictions)``: metrics keyed ``<set.key><metric>``; with ``detailed``,
+    ``sets``: :class:`~study.library.benchmarks.EvalSet` list. Returns ``(metrics, confusions, predictions)``:
+    metrics keyed ``<set.key><metric>``; with ``detailed``,
     intervals, per-class recall, confusion matrices ``{set.label: (matrix, classnames)}`` and, given
     ``baseline_predictions`` ``{set.label: [class per image]}``, the paired test against the baseline.
     ``frozen_image``/``frozen_text`` say a tower is untouched, so ``cache`` may serve its embeddings.

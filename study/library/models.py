@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-CONFIG_DIR = Path(__file__).parent / "model_configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 OFFLINE_MODEL = "clip-study-tiny"
 _registered = False
 
@@ -71,8 +71,14 @@ class LoadedModel:
     tokenizer: object   # list[str] -> LongTensor [N, context_length]
 
 
-def load_base_model(name: str, pretrained: str | None, device="cpu") -> LoadedModel:
-    """Build ``name`` and load its weights (tag, local file, or hf-hub) with ``weights_only=True``."""
+def load_base_model(name: str, pretrained: str | None, device="cpu", trainable: bool = False) -> LoadedModel:
+    """Build ``name`` and load its weights (tag, local file, or hf-hub) with ``weights_only=True``.
+
+    The model comes frozen (no parameter requires grad) unless ``trainable``: the base model is frozen
+    everywhere but in pretraining, and PyTorch's CPU kernels can differ in the last bit between frozen and
+    trainable weights, so the baseline, every trial's frozen parts and WiSE-FT's alpha = 0 must all see
+    the same state to agree bit for bit.
+    """
     import open_clip
 
     register_configs()
@@ -87,16 +93,10 @@ def load_base_model(name: str, pretrained: str | None, device="cpu") -> LoadedMo
         tokenizer = open_clip.get_tokenizer(name)
     finally:
         root.setLevel(saved)
+    model.requires_grad_(trainable)
     return LoadedModel(model, preprocess, tokenizer)
 
 
 def model_config(name: str) -> dict:
     register_configs()
     return json.loads((CONFIG_DIR / f"{name}.json").read_text())
-
-
-def model_id(name: str, pretrained: str | None) -> str:
-    """Names the exact weights (a local checkpoint by path and modification time), for cache keys."""
-    from .data import source_stamp
-
-    return f"{name}|{pretrained}|{source_stamp(pretrained)}"

@@ -1,0 +1,202 @@
+"""The study runner: one sweep of a validated study, from the MLflow parent run to the written report.
+
+:func:`run_study` reads as its steps: :func:`open_sweep` (or resume one), run the
+Tune sweep, :func:`close_stray_runs`, the optional :func:`run_replicates`, then
+the summary and :func:`analyse`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from ..config import StudyConfig
+from ..vocabulary import (BASELINE, DONE, GENERAL_TOP1, KIND_TAG, PARENT_TAG, REPLICATED, SPECIALIZED_TOP1, SWEEP,
+                          SWEEP_TAG, UNFINISHED)
+from . import tracking
+from .prepare import Prepared
+from .replicates import format_spreads, pick_best, replicate_configs, spread_metrics, spreads
+from .summary import TrialOutcome, format_summary
+from .trial import SweepContext
+from .tuner import collect, make_replicate_tuner, make_tuner, restorable, run_sweep, split_space, sweep_path
+from .worker import WorkerJob
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where a sweep runs and records, as the command line gave it (paths absolute)."""
+
+    output_dir: Path
+    cache_dir: Path
+    tracking_uri: Optional[str] = None  # None: MLflow's embedded store in the current directory
+    storage_path: Optional[str] = None  # Ray storage shared by all nodes; None: under output_dir
+    address: Optional[str] = None       # Ray cluster address; None: start a local Ray
+    resume: bool = False
+
+    def state_file(self, study: str) -> Path:
+        """The sweep's own small state (ids of its runs, its Tune storage), for ``--resume``."""
+        return self.output_dir / study / "sweep.json"
+
+
+def start_sweep_runs(cfg: StudyConfig, prepared: Prepared, tracking_uri: str, sweep_name: str) -> dict:
+    """Create the experiment, the sweep's parent run and its baseline child run."""
+    c = tracking.client(tracking_uri)
+    exp_id = tracking.ensure_experiment(c, cfg.name, tracking_uri)
+    tags = {KIND_TAG: SWEEP, SWEEP_TAG: sweep_name, **tracking.provenance_tags()}
+    parent = c.create_run(exp_id, tags=tags, run_name=sweep_name).info.run_id
+    tracking.log_params(c, parent, {"search.trials": str(cfg.search.trials),
+                                    "search.objective": ",".join(f"{o.metric}:{o.mode}" for o in cfg.search.objective),
+                                    "model.name": cfg.model.name, "model.pretrained": str(prepared.model_pretrained),
+                                    "data.finetune.source": cfg.data.finetune.source,
+                                    "data.finetune.pairs": str(prepared.finetune_pairs)})
+    tracking.log_dict_artifact(c, parent, None, "study_config.yaml",
+                               yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    tracking.log_dict_artifact(c, parent, tracking.package_versions(), "package_versions.json")
+    base_tags = {PARENT_TAG: parent, KIND_TAG: BASELINE, **tracking.provenance_tags()}
+    baseline = c.create_run(exp_id, tags=base_tags, run_name=BASELINE).info.run_id
+    tracking.log_params(c, baseline, {"model.name": cfg.model.name, "model.pretrained": str(prepared.model_pretrained)})
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    c.log_batch(baseline, metrics=[Metric(k, v, now, 0) for k, v in prepared.baseline.items()])
+    for bench, (matrix, classnames) in prepared.baseline_confusions.items():
+        tracking.log_confusion(c, baseline, bench, matrix, classnames)
+    c.set_terminated(baseline)
+    return {"experiment_id": exp_id, "parent_run_id": parent, "baseline_run_id": baseline}
+
+
+def open_sweep(cfg: StudyConfig, prepared: Prepared, opts: RunOptions) -> dict | None:
+    """A new sweep (parent and baseline runs written, state saved), or the interrupted one to resume;
+    None (after one error line) when there is nothing to resume."""
+    state_file = opts.state_file(cfg.name)
+    if opts.resume:
+        state = json.loads(state_file.read_text())
+        state["tracking_uri"] = opts.tracking_uri or state["tracking_uri"]  # where the sweep's runs already are
+        if not restorable(state["storage"], state["sweep"]):
+            print(f"error: --resume: no restorable Tune state at {sweep_path(state['storage'], state['sweep'])}",
+                  file=sys.stderr)
+            return None
+        print(f"[study] resuming sweep {state['sweep']} (parent run {state['parent_run_id']})", flush=True)
+        return state
+    sweep_name = time.strftime("sweep-%Y%m%d-%H%M%S")
+    tracking_uri = opts.tracking_uri or tracking.default_tracking_uri()
+    state = {"sweep": sweep_name, "tracking_uri": tracking_uri,
+             "storage": opts.storage_path or str(opts.output_dir / cfg.name / "ray"), "baseline": prepared.baseline,
+             **start_sweep_runs(cfg, prepared, tracking_uri, sweep_name)}
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps(state, indent=2))
+    return state
+
+
+def sweep_context(cfg: StudyConfig, fixed: dict, prepared: Prepared, opts: RunOptions, state: dict) -> SweepContext:
+    """What every trial of the sweep shares, typed."""
+    job = WorkerJob(data=cfg.data, model_name=cfg.model.name, model_pretrained=prepared.model_pretrained,
+                    precision=cfg.model.precision, cache_dir=str(opts.cache_dir),
+                    cpus_per_worker=cfg.resources.cpus_per_worker, tracking_uri=state["tracking_uri"],
+                    baseline=state["baseline"], baseline_predictions=prepared.baseline_predictions,
+                    evaluation=cfg.evaluation)
+    return SweepContext(job=job, fixed=fixed, experiment_id=state["experiment_id"],
+                        parent_run_id=state["parent_run_id"],
+                        train_storage=f"{sweep_path(state['storage'], state['sweep'])}/train",
+                        workers_per_trial=cfg.resources.workers_per_trial,
+                        gpus_per_worker=cfg.resources.gpus_per_worker, max_failures=cfg.resources.max_failures)
+
+
+def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, opts: RunOptions) -> int:
+    """Run (or resume) one sweep of ``cfg`` and report it; returns the process exit code."""
+    state = open_sweep(cfg, prepared, opts)
+    if state is None:
+        return 2
+    print(f"[study] baseline zero-shot top-1: specialized {state['baseline'][SPECIALIZED_TOP1]:.1%}, "
+          f"general {state['baseline'][GENERAL_TOP1]:.1%}", flush=True)
+    fixed, _ = split_space(params)
+    context = sweep_context(cfg, fixed, prepared, opts, state)
+    # Save Tune's experiment state at every step (it is tiny), so a killed driver loses as little as
+    # possible: a trial Tune never recorded would be sampled again under a new id on resume.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    # A trial stopped early is blocked inside TorchTrainer.fit(), so a graceful stop never returns; kill its
+    # actor after a few seconds (Tune waits 600 s by default), which ends its Train run and frees its workers.
+    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "5")
+    results = run_sweep(lambda: make_tuner(cfg, params, context, state["storage"], state["sweep"], opts.resume),
+                        opts.address)
+    rows = collect(results, fixed)
+    close_stray_runs(state, rows)
+    unfinished = [r for r in rows if r.status == UNFINISHED]
+    if unfinished or len(rows) < cfg.search.trials:
+        print(f"[study] sweep stopped with {len(unfinished)} unfinished trial(s); continue it with the same "
+              f"command plus --resume", flush=True)
+        return 130
+    spread_lines = []
+    if cfg.search.replicate_seeds > 1:
+        spread = run_replicates(cfg, rows, context, state, opts)
+        if spread is None:
+            return 130
+        spread_lines = format_spreads(spread, state["baseline"])
+    tracking.client(state["tracking_uri"]).set_terminated(state["parent_run_id"])
+    print(format_summary(rows, state["baseline"], cfg.name, state["tracking_uri"], state["parent_run_id"],
+                         cfg.multi_objective, spread_lines), flush=True)
+    analyse(state["tracking_uri"], cfg.name, state["parent_run_id"], opts.output_dir)
+    return 0
+
+
+def close_stray_runs(state: dict, rows: list[TrialOutcome]) -> None:
+    """Close the runs of trials Tune never recorded (ORPHANED) and of trials the scheduler stopped."""
+    c = tracking.client(state["tracking_uri"])
+    orphans = tracking.mark_orphans(c, state["experiment_id"], state["parent_run_id"], {r.trial_id for r in rows})
+    if orphans:
+        print(f"[study] {len(orphans)} MLflow run(s) of trials that Tune never recorded before the interruption "
+              f"were marked ORPHANED: {', '.join(orphans)}", flush=True)
+    stopped = tracking.close_stopped_runs(c, state["experiment_id"], state["parent_run_id"],
+                                          {r.trial_id for r in rows if r.status == DONE})
+    if stopped:
+        print(f"[study] early stopping ended {len(stopped)} trial(s) before their last epoch: {', '.join(stopped)}",
+              flush=True)
+
+
+def run_replicates(cfg: StudyConfig, rows: list[TrialOutcome], context: SweepContext, state: dict,
+                   opts: RunOptions):
+    """Rerun the best configurations with more seeds; log the spread to the parent run. None if interrupted."""
+    from mlflow.entities import Metric
+
+    objective = cfg.search.objective[0]
+    best = pick_best(rows, objective.metric, objective.mode, cfg.search.replicate_top)
+    configs = replicate_configs(best, cfg.search.replicate_seeds, context.fixed)
+    print(f"[study] seed replicates: {len(best)} configuration(s) x {cfg.search.replicate_seeds - 1} more seed(s) "
+          f"= {len(configs)} trial(s)", flush=True)
+    name = f"{state['sweep']}-replicates"
+    results = run_sweep(lambda: make_replicate_tuner(configs, context, state["storage"], name, opts.resume, cfg),
+                        opts.address)
+    replicate_rows = collect(results, context.fixed)
+    if any(r.status == UNFINISHED for r in replicate_rows) or len(replicate_rows) < len(configs):
+        print("[study] replicates stopped before they finished; continue with the same command plus --resume",
+              flush=True)
+        return None
+    spread = spreads(best, replicate_rows)
+    c = tracking.client(state["tracking_uri"])
+    now = int(time.time() * 1000)
+    c.log_batch(state["parent_run_id"], metrics=[Metric(k, float(v), now, 0) for k, v in spread_metrics(spread).items()])
+    table = ["trial_id,seeds," + ",".join(f"{k}_mean,{k}_sd" for k in REPLICATED)]
+    table += [f"{s.trial_id},{s.n}," + ",".join(f"{s.mean(k)},{s.sd(k)}" if k in s.values else "," for k in REPLICATED)
+              for s in spread]
+    tracking.log_dict_artifact(c, state["parent_run_id"], None, "replicates.csv", "\n".join(table) + "\n")
+    return spread
+
+
+def analyse(tracking_uri: str, experiment: str, parent_run_id: str, output_dir: Path) -> None:
+    """Write the trade-off report; a failure here never undoes a finished sweep."""
+    from analysis.report import run_analysis
+
+    try:
+        report, _ = run_analysis(tracking_uri, experiment, parent_run_id, (output_dir / "analysis").resolve())
+    except Exception as exc:  # the sweep's runs are safe in MLflow; say how to retry
+        print(f"[study] analysis failed ({type(exc).__name__}: {exc}); rerun it with: python -m analysis "
+              f"--experiment {experiment} --parent-run {parent_run_id} --tracking-uri {tracking_uri}", flush=True)
+        return
+    print(f"[study] trade-off report: {report} (also on the parent run under analysis/)", flush=True)

@@ -1,0 +1,122 @@
+"""One Tune trial: typed settings, its MLflow run, and a Ray Train run of the worker loop.
+
+:func:`trial_driver` opens (or, on resume, finds) the trial's MLflow run and
+launches a ``TorchTrainer`` named after the trial id, so that a retried or
+restored trial resumes from its own checkpoints. Results reach Tune through
+``TuneReportCallback`` (Ray's documented Train-in-Tune pattern,
+``doc/source/train/doc_code/train_tune_interop.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+from ..settings import TrialSettings
+from ..vocabulary import FAILED, FINISHED, KIND_TAG, REPLICATE, REPLICATE_OF_TAG
+from .tracking import client, end_trial_run, ensure_trial_run, retrying
+from .worker import WorkerJob, train_fn_per_worker
+
+REPLICATE_OF = "replicate_of"  # config key of a replicate trial: the sweep trial whose settings it reruns
+REPLICATE_GRID = "replicate"   # replicate trials nest their config under this grid key
+
+
+class SweepContext(BaseModel):
+    """Study-wide facts every trial needs (handed over typed, with ``tune.with_parameters``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    job: WorkerJob  # everything but the trial's own settings and run id
+    fixed: dict[str, Any] = {}  # the space's fixed knob values; Tune's config holds the searched ones
+    experiment_id: str
+    parent_run_id: str
+    train_storage: str
+    workers_per_trial: int
+    gpus_per_worker: float
+    max_failures: int = 2
+
+
+def trial_settings(config: dict, fixed: dict) -> tuple[TrialSettings, Optional[str]]:
+    """The typed settings of a Tune config (searched knobs over the fixed ones) and, for a seed replicate,
+    the id of the trial it reruns. Raises pydantic's ``ValidationError`` on an invalid config."""
+    config = dict(config.get(REPLICATE_GRID, config))
+    replicate_of = config.pop(REPLICATE_OF, None)
+    return TrialSettings.model_validate({**fixed, **config}), replicate_of
+
+
+def tune_config(settings: TrialSettings, fixed: dict) -> dict:
+    """The inverse of :func:`trial_settings` for a grid: the knobs that are not fixed, with list knobs
+    joined as ``"attn+mlp"`` (Tune configs hold scalars)."""
+    values = settings.model_dump()
+    return {k: "+".join(v) if isinstance(v, list) else v for k, v in values.items() if k not in fixed}
+
+
+def trial_driver(config: dict, context: SweepContext) -> None:
+    """The Tune trainable: typed settings, the trial's MLflow run, then a Ray Train run of the worker."""
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    settings, replicate_of = trial_settings(config, context.fixed)
+    trial_id = ray.tune.get_context().get_trial_id()
+    uri = context.job.tracking_uri
+    tags = {KIND_TAG: REPLICATE, REPLICATE_OF_TAG: replicate_of} if replicate_of else None
+    run_id = retrying(lambda: ensure_trial_run(uri, context.experiment_id, context.parent_run_id, trial_id,
+                                               settings.model_dump(), json.dumps(settings.model_dump(), indent=2),
+                                               tags), what="opening the trial's MLflow run")
+    job = context.job.model_copy(update={"settings": settings, "run_id": run_id})
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"job": job},
+        scaling_config=scaling_config(context),
+        run_config=ray.train.RunConfig(
+            name=f"train-{trial_id}",  # deterministic: a retried driver resumes from its checkpoints
+            storage_path=context.train_storage,
+            callbacks=[TuneReportCallback()],
+            # Lost workers or nodes: restart the worker group and resume from the last checkpoint. A
+            # non-finite loss fails the same way on every retry, so it costs only those few restarts.
+            failure_config=ray.train.FailureConfig(max_failures=context.max_failures),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as exc:
+        reason = failure_reason(exc)
+        retrying(lambda: end_trial_run(client(uri), run_id, FAILED, reason=reason),
+                 what="closing the trial's MLflow run")
+        raise
+    retrying(lambda: end_trial_run(client(uri), run_id, FINISHED), what="closing the trial's MLflow run")
+
+
+def scaling_config(ctx: SweepContext):
+    """Workers per trial and what each holds; a fractional ``gpus_per_worker`` (e.g. 0.25) packs several
+    small trials onto one GPU."""
+    import ray.train
+
+    gpu = {"GPU": ctx.gpus_per_worker} if ctx.gpus_per_worker else {}
+    return ray.train.ScalingConfig(num_workers=ctx.workers_per_trial, use_gpu=ctx.gpus_per_worker > 0,
+                                   resources_per_worker={"CPU": ctx.job.cpus_per_worker, **gpu})
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The innermost worker error, one line, e.g. 'NonFiniteLossError: loss became nan ...'."""
+    text = str(exc)
+    for line in reversed(text.splitlines()):
+        if "Error:" in line and not line.startswith(" "):
+            return line.strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def driver_trainable(context: SweepContext):
+    """The Tune trainable: :func:`trial_driver` with the study context, placed on the head node.
+
+    The driver only waits on its TorchTrainer, so it holds no CPU (the workers do). Pinning it to the
+    head means losing a worker node never kills a driver: Train restarts the lost workers elsewhere.
+    """
+    from ray import tune
+
+    bundle = {"CPU": 0, "memory": 256 * 2**20, "node:__internal_head__": 0.001}
+    return tune.with_resources(tune.with_parameters(trial_driver, context=context),
+                               tune.PlacementGroupFactory([bundle]))

@@ -1,0 +1,210 @@
+"""Ray Tune + Optuna: the search space, the searcher, the scheduler, and running a sweep.
+
+The project's Tune wiring lives here and in :mod:`.trial`; every non-obvious
+setting carries a one-line reason.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from ..config import Categorical, IntRange, LogUniform, QUniform, StudyConfig, Uniform
+from ..settings import TrialSettings
+from ..vocabulary import DONE, ERROR, SPECIALIZED_TOP1, UNFINISHED
+from .summary import TrialOutcome
+from .trial import REPLICATE_GRID, SweepContext, driver_trainable, failure_reason, trial_settings
+
+
+def split_space(params: dict) -> tuple[dict[str, Any], dict[str, BaseModel]]:
+    """``(fixed values, searched distributions)`` of a validated search space."""
+    fixed = {k: v for k, v in params.items() if not isinstance(v, BaseModel)}
+    return fixed, {k: v for k, v in params.items() if isinstance(v, BaseModel)}
+
+
+def tune_space(searched: dict[str, BaseModel]) -> dict:
+    """Ray Tune sampling primitives for the searched knobs (fixed ones travel typed, in the context)."""
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    for name, p in searched.items():
+        if isinstance(p, LogUniform):
+            out[name] = tune.loguniform(p.low, p.high)
+        elif isinstance(p, Uniform):
+            out[name] = tune.uniform(p.low, p.high)
+        elif isinstance(p, QUniform):
+            out[name] = tune.quniform(p.low, p.high, p.q)
+        elif isinstance(p, IntRange):  # inclusive high, as the YAML reads
+            out[name] = (tune.lograndint if p.distribution == "logint" else tune.randint)(p.low, p.high + 1)
+        elif isinstance(p, Categorical):  # scalars only: a list knob is searched as "attn+mlp"
+            out[name] = tune.choice(p.choices)
+    return out
+
+
+def progress_callback():
+    """One line per epoch and per finished trial, instead of Tune's tables of every metric."""
+    from ray import tune
+
+    class Progress(tune.Callback):
+        finished = 0
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if SPECIALIZED_TOP1 not in result:
+                return
+            line = (f"[trial {trial.trial_id}] epoch {result.get('epoch')}: specialized "
+                    f"{result[SPECIALIZED_TOP1]:.1%}, general {result.get('general_top1', float('nan')):.1%}, "
+                    f"loss {result.get('train_loss', float('nan')):.3f}")
+            if "wiseft_best_alpha" in result:
+                line += f", WiSE-FT best alpha {result['wiseft_best_alpha']:g}"
+            print(line, flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.finished += 1
+            print(f"[trial {trial.trial_id}] finished ({self.finished} this session)", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"[trial {trial.trial_id}] failed; see its MLflow run's study.failure_reason tag", flush=True)
+
+    return Progress()
+
+
+def sweep_path(storage: str, name: str) -> str:
+    """Where Tune keeps the sweep's state: ``<storage_path>/<name>`` (a local path or a URI)."""
+    return f"{storage.rstrip('/')}/{name}"
+
+
+def searcher(cfg: StudyConfig, name: str):
+    """OptunaSearch: TPE for one objective, NSGA-II for a Pareto search; optionally stored for optuna-dashboard."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    metrics = [o.metric for o in cfg.search.objective]
+    modes = [o.mode for o in cfg.search.objective]
+    sampler = (optuna.samplers.NSGAIISampler(seed=cfg.search.seed) if cfg.multi_objective
+               else optuna.samplers.TPESampler(seed=cfg.search.seed, n_startup_trials=min(4, cfg.search.trials)))
+    storage_url = cfg.search.optuna_storage or os.environ.get("OPTUNA_STORAGE")
+    # OptunaSearch owns metric and mode (for multi-objective search TuneConfig must not set them).
+    return OptunaSearch(metric=metrics if cfg.multi_objective else metrics[0],
+                        mode=modes if cfg.multi_objective else modes[0], sampler=sampler,
+                        storage=optuna.storages.RDBStorage(storage_url) if storage_url else None,
+                        study_name=f"{cfg.name}/{name}" if storage_url else None)
+
+
+def make_tuner(cfg: StudyConfig, params: dict, context: SweepContext, storage: str, name: str, resume: bool):
+    """A new ``Tuner`` for the sweep, or the restored one when ``resume`` is set."""
+    from ray import tune
+
+    trainable = driver_trainable(context)
+    if resume:
+        return tune.Tuner.restore(sweep_path(storage, name), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False)
+    # reuse_actors=False: a stopped trial's actor is terminated, and with it the Train controller and the
+    # workers it owns; a reused actor would keep them (and their CPUs/GPUs) alive.
+    tune_config = tune.TuneConfig(search_alg=searcher(cfg, name), num_samples=cfg.search.trials, reuse_actors=False,
+                                  max_concurrent_trials=concurrency(cfg), scheduler=early_stopping(cfg, params))
+    return tune.Tuner(trainable, param_space=tune_space(split_space(params)[1]), tune_config=tune_config,
+                      run_config=run_config(name, storage))
+
+
+def run_config(name: str, storage: str):
+    """Tune's RunConfig: state under ``<storage>/<name>``, our progress lines, a failed trial stays failed
+    (its Train run already retried lost workers)."""
+    from ray import tune
+
+    return tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=[progress_callback()],
+                          failure_config=tune.FailureConfig(max_failures=0))
+
+
+def concurrency(cfg: StudyConfig) -> int:
+    """``search.max_concurrent``, or for ``auto`` as many trials as the cluster's resources hold now."""
+    if cfg.search.max_concurrent != "auto":
+        return cfg.search.max_concurrent
+    import ray
+
+    free = ray.cluster_resources()
+    r = cfg.resources
+    fits = int(free.get("CPU", 0) // (r.workers_per_trial * r.cpus_per_worker))
+    if r.gpus_per_worker:
+        fits = min(fits, int(free.get("GPU", 0) // (r.workers_per_trial * r.gpus_per_worker)))
+    fits = max(1, fits)
+    print(f"[study] max_concurrent auto: {fits} trial(s) at once (cluster: {free.get('CPU', 0):g} CPUs, "
+          f"{free.get('GPU', 0):g} GPUs; {r.workers_per_trial} worker(s) x {r.cpus_per_worker:g} CPU, "
+          f"{r.gpus_per_worker:g} GPU per trial)", flush=True)
+    return fits
+
+
+def max_epochs(params: dict) -> int:
+    """The most epochs any trial of the validated space can run (ASHA's ``max_t``)."""
+    e = params.get("epochs", TrialSettings().epochs)
+    if isinstance(e, Categorical):
+        return int(max(e.choices))
+    return int(getattr(e, "high", e))
+
+
+def early_stopping(cfg: StudyConfig, params: dict):
+    """ASHA over epochs, on the first objective unless ``early_stopping.metric`` says otherwise."""
+    es = cfg.search.early_stopping
+    if es is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    first = cfg.search.objective[0]
+    metric = es.metric or first.metric
+    mode = es.mode or (first.mode if metric == first.metric else "min" if metric == "train_loss" else "max")
+    # Rungs lie below the last epoch; a trial writes all its final records before its last report, so
+    # ASHA's stop at max_t loses nothing.
+    return ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=max_epochs(params),
+                         grace_period=es.grace_period, reduction_factor=es.reduction_factor)
+
+
+def make_replicate_tuner(configs: list[dict], context: SweepContext, storage: str, name: str, resume: bool,
+                         cfg: StudyConfig):
+    """A Tuner that runs each of ``configs`` once (a grid, no searcher): the seed replicates."""
+    from ray import tune
+
+    trainable = driver_trainable(context)
+    if resume and restorable(storage, name):
+        return tune.Tuner.restore(sweep_path(storage, name), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False)
+    return tune.Tuner(trainable, param_space={REPLICATE_GRID: tune.grid_search(configs)},
+                      tune_config=tune.TuneConfig(max_concurrent_trials=concurrency(cfg), reuse_actors=False),
+                      run_config=run_config(name, storage))
+
+
+def restorable(storage: str, name: str) -> bool:
+    from ray import tune
+
+    return tune.Tuner.can_restore(sweep_path(storage, name))
+
+
+def run_sweep(build_tuner, address: str | None):
+    """Start (or join) Ray, build the tuner (``with_parameters`` needs Ray up), run the sweep, shut Ray
+    down; returns Tune's ``ResultGrid``."""
+    import ray
+
+    # The dashboard (on 127.0.0.1) serves the state API that Ray Train's placement-group cleaner needs to
+    # free the workers of a trial that was stopped early or lost its driver.
+    ray.init(address=address, log_to_driver=True, include_dashboard=None if address else True,
+             dashboard_host="127.0.0.1", configure_logging=True, logging_level="WARNING")
+    try:
+        return build_tuner().fit()
+    finally:
+        ray.shutdown()
+
+
+def collect(results, fixed: dict) -> list[TrialOutcome]:
+    """Tune's results as typed :class:`TrialOutcome` rows; the trial id is Tune's own (``Result.metrics``
+    always carries it, reported or not)."""
+    rows = []
+    for r in results:
+        metrics = dict(r.metrics or {})
+        status = ERROR if r.error else (DONE if SPECIALIZED_TOP1 in metrics else UNFINISHED)
+        try:
+            settings, replicate_of = trial_settings(dict(r.config or {}), fixed)
+        except ValidationError:
+            settings, replicate_of = None, None
+        rows.append(TrialOutcome(metrics["trial_id"], status, settings, metrics,
+                                 failure_reason(r.error) if r.error else "", replicate_of))
+    return rows

@@ -1,0 +1,255 @@
+"""The per-worker fine-tuning loop that every Ray Train worker runs, in named steps.
+
+:func:`train_fn_per_worker` reads as the story of a trial: :func:`setup` (base
+model, data, tether targets, the alignment module, optimizer), :func:`restore`
+(from the last checkpoint, after a lost worker or node), then per epoch
+:func:`train_epoch`, :func:`evaluate` (rank 0), :func:`record` (MLflow) and
+:func:`checkpoint_and_report`.
+
+Data order is global: each step takes one global batch from a seeded
+permutation and worker ``r`` of ``W`` takes rows ``r::W`` of it. Features are
+gathered across workers with gradients (open_clip's ``ClipLoss``), so a run on
+W workers computes the same loss and the same updates as a run on one.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from ..config import DataSection, EvaluationSection
+from ..library.alignment import (apply_alignment_module, load_trainable_state, tower_is_frozen, trainable_state,
+                                 unwrap, weight_change_norm)
+from ..library.benchmarks import eval_sets
+from ..library.cache import feature_cache
+from ..library.finetune import finetune_tensors
+from ..library.models import load_base_model
+from ..library.objective import (NonFiniteLossError, alignment_loss, autocast_for, clamp_logit_scale, lr_lambda,
+                                 tether_targets)
+from ..library.wiseft import wiseft_curve
+from ..library.zeroshot import evaluate_sets
+from ..settings import TrialSettings
+from ..vocabulary import changes
+
+__all__ = ["WorkerJob", "NonFiniteLossError", "train_fn_per_worker"]
+
+
+class WorkerJob(BaseModel):
+    """What a trial hands its workers: the knobs plus the study context."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    settings: TrialSettings = TrialSettings()  # the sweep's shared job holds defaults; each trial sets its own
+    data: DataSection
+    model_name: str
+    model_pretrained: Optional[str]
+    precision: str = "fp32"
+    cache_dir: str
+    cpus_per_worker: float = 1
+    tracking_uri: Optional[str] = None
+    run_id: Optional[str] = None
+    baseline: dict[str, float] = {}
+    baseline_predictions: dict[str, list[int]] = {}  # per benchmark, for the paired test
+    evaluation: EvaluationSection = EvaluationSection()
+
+
+@dataclass
+class Worker:
+    """Everything one worker holds during a trial (built by :func:`setup`)."""
+
+    job: WorkerJob
+    rank: int
+    world: int
+    device: torch.device
+    tokenizer: Any
+    images: torch.Tensor          # [N, 3, H, W]: the trial's nested data-fraction subset
+    tokens: torch.Tensor          # [N, L]
+    teacher_img: torch.Tensor     # [N, D]: the frozen model's normalized embeddings (tether targets)
+    teacher_txt: torch.Tensor
+    model: torch.nn.Module        # peft-wrapped, then DDP-wrapped when world > 1
+    initial: dict                 # trainable tensors before training (WiSE-FT, ‖ΔW‖)
+    opt: torch.optim.Optimizer
+    sched: Any
+    steps_per_epoch: int
+    global_batch: int
+    autocast: Any = None          # decided once per device and precision
+    scaler: Any = None
+    loss_fn: Any = None
+    sets: list = field(default_factory=list)  # benchmarks (rank 0 only)
+    start_epoch: int = 0
+    logger: Any = None            # rank 0's TrialLogger, when the trial has an MLflow run
+
+    @property
+    def clip(self) -> torch.nn.Module:
+        return unwrap(self.model)
+
+
+def train_fn_per_worker(config: dict) -> None:
+    """Ray Train entry point: ``config["job"]`` is the trial's :class:`WorkerJob`. Fine-tunes the alignment
+    module, evaluating, recording, checkpointing and reporting after every epoch."""
+    import ray.train
+
+    job = WorkerJob.model_validate(config["job"])
+    # Ray Train logs every report with all its metrics at INFO; the study prints its own progress.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    w = setup(job)
+    restore(w, ray.train.get_checkpoint())
+    distribute(w)
+    w.logger = open_logger(w)
+    try:
+        for epoch in range(w.start_epoch, job.settings.epochs):
+            t0 = time.time()
+            metrics = train_epoch(w, epoch)
+            if w.rank == 0:
+                metrics.update(evaluate(w, final=epoch + 1 == job.settings.epochs))
+                metrics["epoch_seconds"] = time.time() - t0
+            checkpoint_and_report(w, epoch, metrics)
+    except BaseException:
+        if w.logger:  # keep what was recorded before the failure
+            w.logger.close(raise_errors=False, timeout=120)
+        raise
+    if w.logger and not w.logger.closed:  # e.g. a retried attempt that found every epoch already done
+        w.logger.close()
+
+
+def setup(job: WorkerJob) -> Worker:
+    """Base model, the nested data subset, the tether targets, the alignment module and its optimizer."""
+    import ray.train
+    import ray.train.torch
+    from open_clip.loss import ClipLoss
+
+    s = job.settings
+    ctx = ray.train.get_context()
+    torch.set_num_threads(max(1, int(job.cpus_per_worker)))
+    torch.manual_seed(s.seed)
+    device = ray.train.torch.get_device()
+    lm = load_base_model(job.model_name, job.model_pretrained)
+    base = lm.model.to(device)
+    images, tokens = finetune_tensors(job.data.finetune, job.data, Path(job.cache_dir), s.data_fraction,
+                                      lm.preprocess, lm.tokenizer)
+    teacher_img, teacher_txt = tether_targets(base, images, tokens, device)
+    model = apply_alignment_module(base, s)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.learning_rate,
+                            weight_decay=s.weight_decay)
+    global_batch = min(s.batch_size, len(images))
+    steps_per_epoch = max(1, len(images) // global_batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s.warmup_steps, steps_per_epoch * s.epochs))
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    autocast, scaler = autocast_for(device, job.precision)
+    return Worker(job, rank, world, device, lm.tokenizer, images, tokens, teacher_img, teacher_txt,
+                  model, trainable_state(model), opt, sched, steps_per_epoch, global_batch, autocast, scaler,
+                  ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world),
+                  sets=eval_sets(job.data, Path(job.cache_dir), lm.preprocess) if rank == 0 else [])
+
+
+def restore(w: Worker, checkpoint) -> None:
+    """Resume from Ray Train's last checkpoint (a retried attempt after a lost worker or node), if any."""
+    if not checkpoint:
+        return
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / "state.pt", weights_only=True)
+    load_trainable_state(w.model, state["trainable"])
+    w.opt.load_state_dict(state["optimizer"])
+    w.sched.load_state_dict(state["scheduler"])
+    w.start_epoch = state["epoch"]
+    w.initial = state["initial"]
+
+
+def distribute(w: Worker) -> None:
+    """DDP across the trial's workers (gloo on CPU, nccl on GPU); one worker just moves to its device."""
+    import ray.train.torch
+
+    if w.world > 1:
+        w.model = ray.train.torch.prepare_model(w.model, parallel_strategy_kwargs={"find_unused_parameters": False})
+    else:
+        w.model = w.model.to(w.device)
+
+
+def open_logger(w: Worker):
+    """Rank 0's MLflow logger of the trial's run (None elsewhere); a resumed attempt says where it resumed."""
+    from .tracking import TrialLogger
+
+    if w.rank != 0 or not w.job.run_id:
+        return None
+    logger = TrialLogger(w.job.tracking_uri, w.job.run_id)
+    if w.start_epoch:
+        logger.log_resume(w.start_epoch)
+    return logger
+
+
+def train_epoch(w: Worker, epoch: int) -> dict:
+    """One epoch of contrastive (+ tether) steps; returns the epoch's training metrics."""
+    s = w.job.settings
+    w.model.train()
+    perm = torch.randperm(len(w.images), generator=torch.Generator().manual_seed(s.seed * 1000 + epoch))
+    total = 0.0
+    for step in range(w.steps_per_epoch):
+        idx = perm[step * w.global_batch:(step + 1) * w.global_batch][w.rank::w.world]
+        with w.autocast:
+            img_f, txt_f, scale = w.model(w.images[idx].to(w.device), w.tokens[idx].to(w.device))
+            loss = alignment_loss(w.loss_fn, img_f, txt_f, scale, s.tether_weight,
+                                  w.teacher_img[idx].to(w.device), w.teacher_txt[idx].to(w.device))
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
+        w.opt.zero_grad(set_to_none=True)
+        w.scaler.scale(loss).backward()
+        w.scaler.step(w.opt)
+        w.scaler.update()
+        w.sched.step()
+        clamp_logit_scale(w.clip.logit_scale)
+        total += loss.item()
+    if w.world > 1:  # each rank's tether term covers its shard only: average to the global loss
+        summed = torch.tensor([total], dtype=torch.float64, device=w.device)
+        torch.distributed.all_reduce(summed)
+        total = summed.item() / w.world
+    return {"epoch": epoch + 1, "train_loss": total / w.steps_per_epoch, "train_pairs": len(w.images),
+            "steps": (epoch + 1) * w.steps_per_epoch}
+
+
+def evaluate(w: Worker, final: bool) -> dict:
+    """Zero-shot metrics on every benchmark (rank 0), their changes against the baseline and ‖ΔW‖; at the
+    last epoch also intervals, per-class recall, the paired test and the WiSE-FT curve. Confusion
+    matrices go straight to the trial's run."""
+    job, s = w.job, w.job.settings
+    t0 = time.time()
+    frozen = {"frozen_image": tower_is_frozen(s, "image"), "frozen_text": tower_is_frozen(s, "text")}
+    values, confusions, _ = evaluate_sets(
+        w.clip, w.tokenizer, w.sets, w.device, detailed=final,
+        cache=feature_cache(Path(job.cache_dir), job.model_name, job.model_pretrained),
+        baseline_predictions=job.baseline_predictions, seed=s.seed, **frozen)
+    metrics = {**values, **changes(values, job.baseline), "weight_change_norm": weight_change_norm(w.model, w.initial)}
+    if final and job.evaluation.wiseft_alphas:
+        metrics.update(wiseft_curve(job.model_name, job.model_pretrained, s, trainable_state(w.model), w.initial,
+                                    w.sets, w.device, job.evaluation.wiseft_alphas, job.evaluation.wiseft_select,
+                                    job.baseline))
+    metrics["eval_seconds"] = time.time() - t0
+    if w.logger:
+        for name, (matrix, classnames) in confusions.items():
+            w.logger.log_confusion(name, matrix, classnames)
+    return metrics
+
+
+def checkpoint_and_report(w: Worker, epoch: int, metrics: dict) -> None:
+    """Record the epoch in MLflow (rank 0; at the last epoch everything, before Tune sees the result and may
+    stop the trial), then save the checkpoint and report to Ray Train."""
+    import ray.train
+
+    if w.logger:
+        w.logger.log_epoch(metrics, step=epoch + 1)
+        if epoch + 1 == w.job.settings.epochs:
+            w.logger.log_final(w.model, metrics)
+            w.logger.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if w.rank == 0:
+            torch.save({"trainable": trainable_state(w.model), "optimizer": w.opt.state_dict(),
+                        "scheduler": w.sched.state_dict(), "epoch": epoch + 1, "initial": w.initial},
+                       Path(tmp) / "state.pt")
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics if w.rank == 0 else {}, checkpoint=ckpt)

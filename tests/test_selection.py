@@ -1,0 +1,67 @@
+"""One rule for the best trial and one Pareto front, shared by the CLI summary and the report."""
+
+from __future__ import annotations
+
+import re
+
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from study.orchestration.summary import TrialOutcome, format_summary
+from study.selection import best_trial, pareto_front
+from study.settings import TrialSettings
+
+
+def test_best_trial_breaks_ties_by_general_accuracy_then_by_id():
+    recs = [("b", {"specialized_top1": 0.5, "general_top1": 0.6}),
+            ("a", {"specialized_top1": 0.5, "general_top1": 0.6}),
+            ("c", {"specialized_top1": 0.5, "general_top1": 0.7}),
+            ("d", {"specialized_top1": 0.4, "general_top1": 0.9}),
+            ("e", {"general_top1": 0.99})]  # a failed trial: never chosen
+    assert best_trial(recs) == "c"
+    assert best_trial(recs[:2]) == "a" and best_trial(list(reversed(recs[:2]))) == "a"
+    assert best_trial(recs, "general_top1") == "e"
+    assert best_trial(recs, "specialized_top1", "min") == "d"
+    assert best_trial([("x", {})]) is None
+
+
+def test_pareto_front_keeps_ties_and_drops_dominated_trials():
+    recs = [("a", {"specialized_top1": 0.5, "general_top1": 0.6}), ("b", {"specialized_top1": 0.5, "general_top1": 0.6}),
+            ("c", {"specialized_top1": 0.4, "general_top1": 0.6}), ("d", {"specialized_top1": 0.3, "general_top1": 0.9})]
+    assert pareto_front(recs) == ["a", "b", "d"]
+
+
+def test_a_tie_gives_the_same_best_trial_in_the_summary_and_in_the_report(tmp_path):
+    """Two trials tie at 50.0% specialized; the one that kept more general accuracy wins in both places,
+    whatever order MLflow or Tune list them in (the bug: the summary named one, report.md the other)."""
+    from analysis.report import run_analysis
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.create_experiment("tie", artifact_location=(tmp_path / "art").as_uri())
+    parent = c.create_run(exp, tags={"study.kind": "sweep"}).info.run_id
+    baseline = {"specialized_top1": 0.4, "general_top1": 0.8}
+    base = c.create_run(exp, tags={"mlflow.parentRunId": parent, "study.kind": "baseline"}).info.run_id
+    c.log_batch(base, metrics=[Metric(k, v, 0, 0) for k, v in baseline.items()])
+    c.set_terminated(base)
+    trials = {"aaaa0001": (0.5, 0.3), "ffff0002": (0.5, 0.7), "bbbb0003": (0.45, 0.8)}
+    rows = []
+    for tid, (spec, gen) in trials.items():  # the worse tied trial is created first and last alike
+        run = c.create_run(exp, tags={"mlflow.parentRunId": parent, "study.kind": "trial", "study.trial_id": tid,
+                                      "study.status": "FINISHED"}).info.run_id
+        metrics = {"specialized_top1": spec, "general_top1": gen}
+        c.log_batch(run, metrics=[Metric(f"final/{k}", v, 0, 0) for k, v in metrics.items()])
+        for k, v in {"learning_rate": 1e-3, "lora_rank": 4, "data_fraction": 1.0, "tether_weight": 0.0,
+                     "seed": 0}.items():
+            c.log_param(run, k, str(v))
+        c.set_terminated(run)
+        rows.append(TrialOutcome(tid, "TERMINATED", TrialSettings(), metrics))
+    summary = format_summary(rows, baseline, "tie", uri, parent, multi_objective=False)
+    named = re.search(r"best specialized trial (\w+)", summary).group(1)
+    report, lines = run_analysis(uri, "tie", parent, tmp_path / "out")
+    in_report = re.search(r"in trial (\w+)", " ".join(lines)).group(1)
+    assert named == in_report == "ffff0002"
+    assert "ffff0002" in report.read_text()
+    # the same in reverse order of the Tune results
+    summary_rev = format_summary(list(reversed(rows)), baseline, "tie", uri, parent, multi_objective=False)
+    assert re.search(r"best specialized trial (\w+)", summary_rev).group(1) == "ffff0002"
