@@ -60,6 +60,19 @@ def test_library_layer_never_imports_ray_mlflow_or_optuna():
     assert len(LIBRARY) >= 14  # every library module was imported, not an empty list
 
 
+def test_no_library_function_imports_ray_mlflow_or_optuna_either():
+    """The fresh-interpreter test sees module-level imports; this one reads every import statement, those
+    inside functions too."""
+    for name, path in modules().items():
+        if name not in LIBRARY:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bad = [n for n in names if n.split(".")[0] in ("ray", "mlflow", "optuna")]
+            assert not bad, f"{name} imports {bad}"
+
+
 def test_analysis_reads_the_vocabulary_never_the_orchestration():
     graph = import_graph()
     for name, deps in graph.items():
