@@ -24,32 +24,43 @@ def _save(fig, path: Path) -> Path:
 
 
 def tradeoff_map(rec: StudyRecords, out: Path) -> Path:
-    """Specialized gain vs general change per trial; Pareto front joined; the baseline at the origin."""
-    df = rec.trials
-    fig, ax = plt.subplots(figsize=(7.5, 6))
+    """Specialized gain vs general change of the headline metric per trial (test part), with each change's
+    paired 95% interval on both axes; the chosen trial labelled; the Pareto front joined; the baseline at
+    the origin; a key for the marker size (LoRA rank)."""
+    from .records import best_row
+
+    df, head = rec.trials, rec.headline.replace("_", " ").replace("top1", "top-1")
+    fig, ax = plt.subplots(figsize=(7.5, 6.3))
     ax.axhline(0, color="0.6", lw=0.8)
     ax.axvline(0, color="0.6", lw=0.8)
     ax.scatter([0], [0], marker="*", s=260, color="black", zorder=5, label="baseline (zero-shot base model)")
     if len(df):
+        x, y = df["specialized_gain_pts"], df["general_change_pts"]
+        # A percentile interval can miss its own point estimate by a hair; matplotlib refuses negative bars.
+        xerr = np.clip(np.vstack([x - df["specialized_gain_ci_low_pts"], df["specialized_gain_ci_high_pts"] - x]), 0, None)
+        yerr = np.clip(np.vstack([y - df["general_change_ci_low_pts"], df["general_change_ci_high_pts"] - y]), 0, None)
+        if np.isfinite(xerr).any():
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor="0.6", lw=0.8, zorder=2,
+                        label="paired 95% CI of each change")
         lr = pd.to_numeric(df["learning_rate"], errors="coerce")
-        sc = ax.scatter(df["specialized_gain_pts"], df["general_change_pts"], c=np.log10(lr), cmap="viridis",
-                        s=40 + 12 * pd.to_numeric(df["lora_rank"], errors="coerce").fillna(1), edgecolor="black",
-                        linewidth=0.6, zorder=4, label="trial (size: LoRA rank)")
+        size = lambda r: 40 + 12 * r  # noqa: E731
+        sc = ax.scatter(x, y, c=np.log10(lr), cmap="viridis", edgecolor="black", linewidth=0.6, zorder=4,
+                        s=size(pd.to_numeric(df["lora_rank"], errors="coerce").fillna(1)))
         fig.colorbar(sc, ax=ax, label="log10 learning rate")
+        for r in sorted(pd.to_numeric(df["lora_rank"], errors="coerce").dropna().unique()):
+            ax.scatter([], [], s=size(r), color="white", edgecolor="black", label=f"LoRA rank {int(r)}")
         front = df[pareto_mask(df)].sort_values("specialized_gain_pts")
         ax.plot(front["specialized_gain_pts"], front["general_change_pts"], "--", color="crimson", lw=1.5, zorder=3,
                 label=f"Pareto front ({len(front)} trials)")
-        if "specialized_top1_ci_low_pct" in df and df["specialized_top1_ci_low_pct"].notna().any():
-            b = rec.baseline.get("specialized_top1", np.nan) * 100
-            xerr = np.vstack([df["specialized_top1"] * 100 - df["specialized_top1_ci_low_pct"],
-                              df["specialized_top1_ci_high_pct"] - df["specialized_top1"] * 100])
-            ax.errorbar(df["specialized_top1"] * 100 - b, df["general_change_pts"], xerr=xerr, fmt="none",
-                        ecolor="0.55", lw=0.8, zorder=2, label="95% CI of the specialized accuracy")
-    ax.set_xlabel("specialized zero-shot top-1 gain vs baseline (points)")
-    ax.set_ylabel("general zero-shot top-1 change vs baseline (points)")
+        best = best_row(rec)
+        ax.annotate(f"chosen on validation: {best['trial_id']}", (best["specialized_gain_pts"], best["general_change_pts"]),
+                    xytext=(8, 8), textcoords="offset points", fontsize=8, zorder=6,
+                    arrowprops={"arrowstyle": "-", "color": "black", "lw": 0.6})
+    ax.set_xlabel(f"specialized zero-shot {head} gain vs baseline (points, test part)")
+    ax.set_ylabel(f"general zero-shot {head} change vs baseline (points, test part)")
     ax.set_title(f"{rec.experiment}: specialized gain vs general cost")
     # Below the axes, so that it never hides a trial.
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8, frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8, frameon=False)
     return _save(fig, out / "tradeoff_map.png")
 
 
@@ -129,15 +140,25 @@ def importances_plot(importances: dict, out: Path) -> Path | None:
 
 
 def wiseft_curves(rec: StudyRecords, trial_ids: list[str], out: Path) -> Path | None:
+    """Validation top-1 of specialized vs general as each trial's change is scaled by α (WiSE-FT); every α
+    marked, the baseline at α = 0."""
     curves = {t: rec.wiseft[t] for t in trial_ids if t in rec.wiseft}
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 5))
     for t, pts in curves.items():
         a, s, g = zip(*pts)
-        ax.plot(np.array(s) * 100, np.array(g) * 100, "-o", label=f"{t} (α=0→1)")
-    ax.set_xlabel("specialized zero-shot top-1 (%)")
-    ax.set_ylabel("general zero-shot top-1 (%)")
-    ax.set_title("WiSE-FT interpolation of Pareto-optimal trials")
+        line, = ax.plot(np.array(s) * 100, np.array(g) * 100, "-o", label=f"{t} (α = 0 → 1)")
+        for alpha, sx, gy in pts:
+            ax.annotate(f"{alpha:g}", (sx * 100, gy * 100), xytext=(4, 3), textcoords="offset points", fontsize=7,
+                        color=line.get_color())
+        chosen = rec.trials.loc[rec.trials["trial_id"] == t, "wiseft_best_alpha"]
+        hit = [(sx, gy) for alpha, sx, gy in pts if len(chosen) and alpha == chosen.iloc[0]]
+        if hit:
+            ax.scatter([hit[0][0] * 100], [hit[0][1] * 100], marker="*", s=180, color=line.get_color(),
+                       edgecolor="black", zorder=5)
+    ax.set_xlabel("specialized zero-shot top-1 (%, validation part)")
+    ax.set_ylabel("general zero-shot top-1 (%, validation part)")
+    ax.set_title("WiSE-FT interpolation of Pareto-optimal trials (labels: α; star: α chosen on validation)")
     ax.legend(fontsize=8)
     return _save(fig, out / "wiseft_curves.png")

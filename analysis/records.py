@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from study.selection import best_trial, pareto_front
-from study.vocabulary import (BASELINE, FAILURE_TAG, FINAL_PREFIX, FINISHED, GENERAL_TOP1, KIND_TAG, KNOBS,
-                              NUMERIC_KNOBS, PARENT_TAG, SPECIALIZED_TOP1, STATUS_TAG, SWEEP, TRAIN_METRICS, TRIAL,
-                              TRIAL_TAG, wiseft_curve)
+from study.selection import best_trial, holm, pareto_front
+from study.vocabulary import (BASELINE, COLLAPSED_TAG, FAILURE_TAG, FINAL_PREFIX, FINISHED, GENERAL_TOP1, KIND_TAG,
+                              KNOBS, NUMERIC_KNOBS, OBJECTIVE_METRICS, PARENT_TAG, SPECIALIZED_TOP1, STATUS_TAG, SWEEP,
+                              TEST, TRAIN_METRICS, TRIAL, TRIAL_TAG, VAL, headline, key, wiseft_curve)
 
+# Test-part metrics, in columns without the "test/" prefix (the report speaks of test numbers only).
 METRICS = [SPECIALIZED_TOP1, "specialized_balanced_accuracy", GENERAL_TOP1, "general_balanced_accuracy",
            *TRAIN_METRICS[:4], "specialized_images", "general_images"]
+DETAIL_SUFFIXES = ("_ci_low", "_ci_high", "_mcnemar_p", "_mcnemar_p_holm", "_collapsed", "_pred_majority_share")
 
 
 @dataclass
@@ -28,7 +30,10 @@ class StudyRecords:
     baseline: dict
     trials: pd.DataFrame          # finished trials: the rows every fit and plot uses
     excluded: pd.DataFrame        # failed, orphaned, still running: counted and listed, never fitted
-    wiseft: dict = field(default_factory=dict)  # trial_id -> [(alpha, spec, gen)] where logged
+    wiseft: dict = field(default_factory=dict)  # trial_id -> [(alpha, spec, gen)] validation top-1, where logged
+    headline: str = "top1"        # evaluation.headline of the sweep ("top1" for sweeps that predate it)
+    objective: tuple[str, str] = (SPECIALIZED_TOP1, "max")  # the first search objective: chooses the best trial
+    adjusted: dict = field(default_factory=dict)  # trial_id -> Holm-adjusted specialized McNemar p
 
 
 def _num(v):
@@ -65,14 +70,31 @@ def load_study(tracking_uri: str, experiment: str, parent_run_id: str | None = N
         parent = c.get_run(parent_run_id)
     pid = parent.info.run_id
     children = c.search_runs([exp.experiment_id], f"tags.`{PARENT_TAG}` = '{pid}'", max_results=50000)
-    baseline = next((r.data.metrics for r in children if r.data.tags.get(KIND_TAG) == BASELINE), {})
+    baseline = test_part(next((r.data.metrics for r in children if r.data.tags.get(KIND_TAG) == BASELINE), {}))
     trials = [r for r in children if r.data.tags.get(KIND_TAG) == TRIAL]
     rows = [trial_row(r) for r in trials]
-    wiseft = {row["trial_id"]: curve for row, r in zip(rows, trials) if (curve := wiseft_curve(r.data.metrics))}
-    df = with_derived_columns(pd.DataFrame(rows), baseline)
+    wiseft = {row["trial_id"]: curve for row, r in zip(rows, trials)
+              if (curve := wiseft_curve(last_metrics(r)) or wiseft_curve(last_metrics(r), split=""))}
+    head = parent.data.params.get("evaluation.headline", "top1")
+    metric, _, mode = parent.data.params.get("search.objective", f"{SPECIALIZED_TOP1}:max").split(",")[0].partition(":")
+    df = with_derived_columns(pd.DataFrame(rows), baseline, head)
     done = df["status"].eq(FINISHED) & df[SPECIALIZED_TOP1].notna() & df[GENERAL_TOP1].notna()
-    return StudyRecords(experiment, pid, parent.info.status, baseline, df[done].reset_index(drop=True),
-                        df[~done].reset_index(drop=True), wiseft)
+    finished = df[done].reset_index(drop=True)
+    adjusted = holm(dict(zip(finished["trial_id"], finished.get("specialized_mcnemar_p", pd.Series(dtype=float)))))
+    return StudyRecords(experiment, pid, parent.info.status, baseline, finished, df[~done].reset_index(drop=True),
+                        wiseft, head, (metric, mode or "max"), adjusted)
+
+
+def test_part(metrics: dict) -> dict:
+    """A run's test-part metrics without the ``test/`` prefix; runs that predate the split keep theirs."""
+    test = {k.removeprefix(f"{TEST}/"): v for k, v in metrics.items() if k.startswith(f"{TEST}/")}
+    return test or dict(metrics)
+
+
+def last_metrics(run) -> dict:
+    """A run's metrics at their last step, its ``final/`` records taking precedence (prefix removed)."""
+    m = run.data.metrics
+    return {**m, **{k.removeprefix(FINAL_PREFIX): v for k, v in m.items() if k.startswith(FINAL_PREFIX)}}
 
 
 def trial_row(run) -> dict:
@@ -82,20 +104,30 @@ def trial_row(run) -> dict:
            "status": run.data.tags.get(STATUS_TAG, run.info.status),
            "failure_reason": run.data.tags.get(FAILURE_TAG, "")}
     row.update({k: _num(run.data.params.get(k)) for k in KNOBS})
-    row.update({k: m.get(f"{FINAL_PREFIX}{k}", m.get(k, math.nan)) for k in METRICS})
-    for key, value in m.items():  # confidence intervals and paired tests, where the evaluator logged them
-        if key.endswith(("_ci_low", "_ci_high", "_mcnemar_p")):
-            row[key.removeprefix(FINAL_PREFIX)] = value
+    last = last_metrics(run)
+    test = test_part(last)
+    row.update({k: test.get(k, math.nan) for k in METRICS})
+    row.update({f"val_{k}": last.get(key(VAL, k), last.get(k, math.nan)) for k in OBJECTIVE_METRICS})
+    for name, value in test.items():  # intervals, paired tests, collapse, where the evaluator logged them
+        if name.endswith(DETAIL_SUFFIXES):
+            row[name] = value
+    row["collapsed"] = run.data.tags.get(COLLAPSED_TAG, "")
+    row["wiseft_best_alpha"] = last.get("wiseft_best_alpha", math.nan)
     return row
 
 
-def with_derived_columns(df: pd.DataFrame, baseline: dict) -> pd.DataFrame:
-    """Fixed column order, changes in points against the baseline, lr x steps, and a 95% interval per trial:
-    its own bootstrap interval where logged, else a Wilson interval from the accuracy and image count."""
+def with_derived_columns(df: pd.DataFrame, baseline: dict, head: str = "top1") -> pd.DataFrame:
+    """Fixed column order; changes of the ``head`` metric in points against the baseline, with their paired
+    intervals where logged; lr x steps; and a 95% top-1 interval per trial: its own bootstrap interval where
+    logged, else a Wilson interval from the accuracy and image count."""
     fixed = ["trial_id", "run_id", "status", "failure_reason", *KNOBS, *METRICS]
     df = df.reindex(columns=fixed + [c for c in df.columns if c not in fixed])  # intervals, where logged
-    df["specialized_gain_pts"] = (df[SPECIALIZED_TOP1] - baseline.get(SPECIALIZED_TOP1, math.nan)) * 100
-    df["general_change_pts"] = (df[GENERAL_TOP1] - baseline.get(GENERAL_TOP1, math.nan)) * 100
+    for role, name in (("specialized", "gain"), ("general", "change")):
+        metric = headline(role, head)
+        df[f"{role}_{name}_pts"] = (df[metric] - baseline.get(metric, math.nan)) * 100
+        for side in ("low", "high"):
+            logged = df.get(f"{metric}_gain_ci_{side}", pd.Series(math.nan, df.index))
+            df[f"{role}_{name}_ci_{side}_pts"] = logged * 100
     df["lr_x_steps"] = pd.to_numeric(df["learning_rate"], errors="coerce") * df["steps"]
     for bench in ("specialized", "general"):
         wilsons = [wilson(p, n) for p, n in zip(df[f"{bench}_top1"], df[f"{bench}_images"])]
@@ -113,18 +145,28 @@ def searched_knobs(df: pd.DataFrame) -> list[str]:
     return [k for k in NUMERIC_KNOBS if k in df and pd.to_numeric(df[k], errors="coerce").nunique() > 1]
 
 
-def _records(df: pd.DataFrame) -> list[tuple[str, dict]]:
-    return [(row["trial_id"], {SPECIALIZED_TOP1: row[SPECIALIZED_TOP1], GENERAL_TOP1: row[GENERAL_TOP1]})
-            for _, row in df.iterrows()]
+def _records(df: pd.DataFrame, part: str = "val_") -> list[tuple[str, dict]]:
+    """Rows as ``(trial_id, metrics)`` records for :mod:`study.selection`; ``part`` ``"val_"``: validation
+    columns under their metric names, ``""``: test columns."""
+    return [(row["trial_id"], {k: row.get(f"{part}{k}", math.nan) for k in OBJECTIVE_METRICS}) for _, row in df.iterrows()]
 
 
-def best_row(df: pd.DataFrame) -> pd.Series:
-    """The best trial's row, by the one rule the CLI summary uses (:func:`study.selection.best_trial`)."""
-    tid = best_trial(_records(df))
+def best_row(rec_or_df, metric: str = SPECIALIZED_TOP1, mode: str = "max") -> pd.Series:
+    """The best trial's row, chosen on validation by the first objective, with the one rule the CLI summary
+    uses (:func:`study.selection.best_trial`). Takes :class:`StudyRecords` (its objective) or a table."""
+    if isinstance(rec_or_df, StudyRecords):
+        df, (metric, mode) = rec_or_df.trials, rec_or_df.objective
+    else:
+        df = rec_or_df
+    records = _records(df)
+    if all(math.isnan(m.get(metric, math.nan)) for _, m in records):  # sweeps that predate the split
+        records = _records(df, "")
+    tid = best_trial(records, metric, mode)
     return df.loc[df["trial_id"] == tid].iloc[0]
 
 
-def pareto_mask(df: pd.DataFrame) -> pd.Series:
-    """True for the trials on the Pareto front of specialized vs general top-1 (:func:`study.selection.pareto_front`)."""
-    front = set(pareto_front(_records(df)))
+def pareto_mask(df: pd.DataFrame, x: str = "specialized_gain_pts", y: str = "general_change_pts") -> pd.Series:
+    """True for the trials on the Pareto front of ``x`` vs ``y`` (test changes of the headline metric by
+    default), both maximised (:func:`study.selection.pareto_front`)."""
+    front = set(pareto_front([(r["trial_id"], {x: r[x], y: r[y]}) for _, r in df.iterrows()], x, y))
     return df["trial_id"].isin(front)

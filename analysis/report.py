@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from pathlib import Path
 
 import pandas as pd
+
+from study.selection import verdict
 
 from . import plots
 from .records import StudyRecords, best_row, load_study, pareto_mask, searched_knobs
@@ -41,8 +44,13 @@ def importances(df: pd.DataFrame) -> dict[str, dict[str, float]]:
     return out
 
 
+def plural(n: int, word: str) -> str:
+    """``1 trial``, ``3 trials``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def saturation(df: pd.DataFrame, knob: str) -> str:
-    """Where the mean specialized gain stops rising along ``knob``, in words."""
+    """Where the mean specialized gain stops rising along ``knob``, in words, with n per level."""
     x = pd.to_numeric(df[knob], errors="coerce")
     levels = plots.level_means(x, df["specialized_gain_pts"])
     counts = plots.level_means(x, df["specialized_gain_pts"], agg="count")
@@ -55,15 +63,18 @@ def saturation(df: pd.DataFrame, knob: str) -> str:
         return f"no level of {knob} gave a positive mean gain ({listing})"
     if first == levels.index.max():
         return f"mean gain still rises at the largest {knob} tried ({listing}): no saturation seen"
-    return (f"mean gain reaches 90% of its best by {knob} ≈ {first:.3g} ({listing}); "
-            f"larger values add little")
+    after = levels[levels.index > levels.idxmax()]
+    if len(after) and after.min() < best - 1.0:  # more than a point below the best level
+        return (f"mean gain peaks at {knob} ≈ {levels.idxmax():.3g} and falls at larger values ({listing}); "
+                f"with these few trials per level, a trend, not a finding")
+    return f"mean gain reaches 90% of its best by {knob} ≈ {first:.3g} and stays there at larger values ({listing})"
 
 
 def finding(rec: StudyRecords, imps: dict) -> list[str]:
     """The finding as plain sentences, each backed by the trial table (``rec``) and the importances."""
     df, ex = rec.trials, rec.excluded
     n, seeds = len(df), pd.to_numeric(df["seed"], errors="coerce").nunique() if len(df) else 0
-    lines = [f"This rests on {n} finished trial(s) with {seeds} seed(s) each"
+    lines = [f"This rests on {plural(n, 'finished trial')} with {plural(seeds, 'seed')} each"
              + (f"; {len(ex)} more were failed, orphaned or unfinished and are left out "
                 f"({', '.join(f'{s}: {c}' for s, c in ex['status'].value_counts().items())})." if len(ex) else ".")]
     if rec.parent_status == "RUNNING":
@@ -71,7 +82,7 @@ def finding(rec: StudyRecords, imps: dict) -> list[str]:
     if n == 0:
         lines.append("No trial has finished, so there is nothing to conclude yet.")
         return lines
-    best = best_row(df)
+    best = best_row(rec)
     lines += best_sentences(rec, best)
     lines += retention_sentences(df)
     lines += reliability_sentences(rec, best)
@@ -80,72 +91,90 @@ def finding(rec: StudyRecords, imps: dict) -> list[str]:
         text = saturation(df, knob)
         lines.append(text[0].upper() + text[1:] + ".")
     if n < MIN_TRIALS_FOR_TRENDS:
-        lines.append(f"With only {n} trial(s), treat every trend here as anecdotal.")
+        lines.append(f"With only {plural(n, 'trial')}, treat every trend here as anecdotal.")
     return lines
 
 
-def interval_text(best: pd.Series) -> str:
-    """The best trial's interval, as logged (bootstrap, with the paired gain interval and McNemar) or Wilson."""
-    lo, hi = best["specialized_top1_ci_low_pct"], best["specialized_top1_ci_high_pct"]
-    if math.isnan(lo):
-        return " (no confidence interval logged)"
-    if best["specialized_ci_kind"] != "bootstrap":
-        return (f" (95% CI of its accuracy {lo:.1f}–{hi:.1f}%, Wilson interval on "
-                f"{int(best['specialized_images'])} images)")
-    ci = f" (95% bootstrap CI of its accuracy {lo:.1f}–{hi:.1f}%"
-    if not math.isnan(best.get("specialized_top1_gain_ci_low", math.nan)):
-        ci += (f"; of the gain {best['specialized_top1_gain_ci_low'] * 100:+.1f} to "
-               f"{best['specialized_top1_gain_ci_high'] * 100:+.1f} points, paired; McNemar p = "
-               f"{best['specialized_mcnemar_p']:.2g}")
-    return ci + ")"
+def metric_words(head: str) -> str:
+    return {"balanced_accuracy": "balanced accuracy", "top1": "top-1"}.get(head, head)
+
+
+def baseline_sentence(rec: StudyRecords) -> str:
+    """The baseline on the test part with the chance level of each metric."""
+    b = rec.baseline
+    parts = []
+    for role in ("specialized", "general"):
+        parts.append(f"{role} balanced accuracy {b.get(f'{role}_balanced_accuracy', math.nan):.1%} (chance "
+                     f"{b.get(f'{role}_chance_balanced_accuracy', math.nan):.1%}, one over the classes) and top-1 "
+                     f"{b.get(f'{role}_top1', math.nan):.1%} (chance {b.get(f'{role}_chance_top1', math.nan):.1%}, "
+                     f"always answering the majority class)")
+    return "The zero-shot baseline scored " + "; ".join(parts) + " on the test part."
+
+
+def change_sentence(rec: StudyRecords, best: pd.Series, role: str) -> str:
+    """The chosen trial's test change of the headline metric, with its paired interval and the verdict."""
+    head, noun = rec.headline, "gain" if role == "specialized" else "change"
+    metric = f"{role}_{head}"
+    base, value = rec.baseline.get(metric, math.nan), best[metric]
+    low, high = best[f"{role}_{noun}_ci_low_pts"], best[f"{role}_{noun}_ci_high_pts"]
+    collapsed = best.get(f"{role}_collapsed", 0) == 1
+    word = verdict((value - base), low / 100, high / 100, collapsed, noun)
+    ci = f"paired 95% CI {low:+.1f} to {high:+.1f} points" if not math.isnan(low) else "no paired interval logged"
+    text = (f"{role.capitalize()} {metric_words(head)}: {value:.1%} against the baseline's {base:.1%}, "
+            f"{(value - base) * 100:+.1f} points ({ci}): {word}")
+    if role == "specialized" and not math.isnan(best.get("specialized_mcnemar_p", math.nan)):
+        adjusted = rec.adjusted.get(best["trial_id"], math.nan)
+        text += (f"; McNemar p = {best['specialized_mcnemar_p']:.2g} on the top-1 errors, Holm-adjusted over "
+                 f"{plural(len(rec.trials), 'trial')} p = {adjusted:.2g}")
+    if collapsed:
+        text += (f". It answers one class for {best.get(f'{role}_pred_majority_share', math.nan):.0%} of the "
+                 f"{role} test images: a collapse, not a gain")
+    other = "balanced_accuracy" if head == "top1" else "top1"  # the other metric, always beside the headline
+    return text + (f" ({metric_words(other)} {best[f'{role}_{other}']:.1%} vs "
+                   f"{rec.baseline.get(f'{role}_{other}', math.nan):.1%}).")
 
 
 def best_sentences(rec: StudyRecords, best: pd.Series) -> list[str]:
-    """The best trial's gain and cost, and the best point of its WiSE-FT curve."""
+    """The trial chosen on validation: its test changes, and the best point of its WiSE-FT curve."""
+    metric, mode = rec.objective
+    lines = [baseline_sentence(rec),
+             f"The trial chosen on the validation part ({metric}, {mode}) was {best['trial_id']} (learning rate "
+             f"{float(best['learning_rate']):.3g}, LoRA rank {int(best['lora_rank'])}, data fraction "
+             f"{float(best['data_fraction']):.3g}, tether weight λ {float(best['tether_weight']):.3g}, the weight of "
+             f"the MoCLIP term that pulls embeddings toward the frozen model's). On the test part:",
+             change_sentence(rec, best, "specialized"), change_sentence(rec, best, "general")]
     b_spec, b_gen = rec.baseline.get("specialized_top1", math.nan), rec.baseline.get("general_top1", math.nan)
-    lines = [f"The best specialized zero-shot top-1 was {best['specialized_top1']:.1%}, "
-             f"{best['specialized_gain_pts']:+.1f} points over the zero-shot baseline of {b_spec:.1%}"
-             f"{interval_text(best)}, in trial {best['trial_id']} (learning rate {float(best['learning_rate']):.2g}, "
-             f"rank {int(best['lora_rank'])}, data fraction {float(best['data_fraction']):.2f}, tether λ "
-             f"{float(best['tether_weight']):.2f}).",
-             f"That configuration changed general zero-shot top-1 by {best['general_change_pts']:+.1f} points "
-             f"(from {b_gen:.1%} to {best['general_top1']:.1%})."]
     curve = rec.wiseft.get(best["trial_id"])
-    pts = [(a, (sp - b_spec) * 100, (ge - b_gen) * 100) for a, sp, ge in curve or [] if 0 < a < 1]
-    if pts:  # the trained change scaled by alpha
-        a, g, c = max(pts, key=lambda t: t[1] + t[2])
-        lines.append(f"Scaling that trial's trained change by α (WiSE-FT), the largest sum of gain and general "
-                     f"change among 0 < α < 1 was at α = {a:g}: specialized {g:+.1f} points, general {c:+.1f} "
-                     f"points (α = 0 is the baseline exactly, α = 1 the trial above).")
+    pts = [(a, sp, ge) for a, sp, ge in curve or [] if 0 < a < 1]
+    if pts:  # the trained change scaled by alpha, on validation
+        a, sp, ge = max(pts, key=lambda t: t[1] + t[2])
+        lines.append(f"Scaling that trial's trained change by α (WiSE-FT), the largest sum of validation top-1 "
+                     f"among 0 < α < 1 was at α = {a:g}: specialized {sp:.1%}, general {ge:.1%} (α = 0 is the "
+                     f"baseline exactly, α = 1 the trial above).")
     return lines
 
 
 def retention_sentences(df: pd.DataFrame) -> list[str]:
-    """The best gain that kept general accuracy within 2 points of the baseline, if any trial did."""
+    """The best gain that kept the general headline metric within 2 points of the baseline, if any did."""
     front = df[pareto_mask(df)]
     keep = front[front["general_change_pts"] >= -2]
     if len(keep) and keep["specialized_gain_pts"].max() > 0:
         k = keep.loc[keep["specialized_gain_pts"].idxmax()]
-        return [f"Keeping general accuracy within 2 points of the baseline, the best gain was "
-                f"{k['specialized_gain_pts']:+.1f} points (trial {k['trial_id']})."]
+        return [f"Keeping general accuracy within 2 points of the baseline, the largest specialized change was "
+                f"{k['specialized_gain_pts']:+.1f} points (trial {k['trial_id']}, test part)."]
     return ["No trial raised specialized accuracy while keeping general accuracy within 2 points of the baseline."]
 
 
 def reliability_sentences(rec: StudyRecords, best: pd.Series) -> list[str]:
-    """Whether the best trial's interval holds the baseline, and whether it overlaps the runner-up's."""
-    df, lo = rec.trials, best["specialized_top1_ci_low_pct"]
-    if math.isnan(lo):
+    """Whether the chosen trial's gain interval overlaps that of the runner-up (by the same validation rule)."""
+    df = rec.trials
+    if len(df) < 2 or math.isnan(best["specialized_gain_ci_low_pts"]):
         return []
-    lines = []
-    if rec.baseline.get("specialized_top1", math.nan) * 100 >= lo:
-        lines.append("The best trial's interval includes the baseline accuracy: the gain is not distinguishable "
-                     "from evaluation noise.")
-    if len(df) > 1:
-        runner_up = df.drop(index=best.name).sort_values("specialized_gain_pts").iloc[-1]
-        if runner_up["specialized_top1_ci_high_pct"] >= lo:
-            lines.append(f"The best trial's interval overlaps that of the runner-up ({runner_up['trial_id']}, "
-                         f"{runner_up['specialized_gain_pts']:+.1f} points): their order is not reliable.")
-    return lines
+    runner_up = best_row(dataclasses.replace(rec, trials=df.drop(index=best.name)))
+    if runner_up["specialized_gain_ci_high_pts"] >= best["specialized_gain_ci_low_pts"]:
+        return [f"The chosen trial's gain interval overlaps that of the runner-up ({runner_up['trial_id']}, "
+                f"{runner_up['specialized_gain_pts']:+.1f} points): their order is not reliable."]
+    return []
 
 
 def importance_sentences(imps: dict, n: int) -> list[str]:
@@ -172,7 +201,9 @@ def write_report(rec: StudyRecords, out: Path) -> tuple[Path, list[str]]:
     front_ids = list(rec.trials[pareto_mask(rec.trials)]["trial_id"]) if len(rec.trials) else []
     figures.append(plots.wiseft_curves(rec, front_ids, out))
     lines = finding(rec, imps)
-    md = [f"# Finding: {rec.experiment}", "", f"Sweep (MLflow parent run) `{rec.parent_run_id}`.", ""]
+    md = [f"# Finding: {rec.experiment}", "", f"Sweep (MLflow parent run) `{rec.parent_run_id}`. Trials are chosen on "
+          f"the validation part of each benchmark; every number reported is on the held-out test part. Headline "
+          f"metric: {metric_words(rec.headline)}.", ""]
     md += [f"- {s}" for s in lines]
     md += ["", "## Figures", ""]
     md += [f"![{p.stem}]({p.name})" for p in figures if p is not None]
@@ -188,8 +219,9 @@ def write_report(rec: StudyRecords, out: Path) -> tuple[Path, list[str]]:
 
 def _markdown_table(df: pd.DataFrame) -> str:
     cols = [c for c in ["trial_id", "status", "learning_rate", "lora_rank", "data_fraction", "tether_weight",
-                        "lora_blocks", "steps", "weight_change_norm", "specialized_top1", "general_top1",
-                        "specialized_gain_pts", "general_change_pts", "failure_reason"] if c in df]
+                        "lora_blocks", "steps", "weight_change_norm", "specialized_balanced_accuracy",
+                        "specialized_top1", "general_balanced_accuracy", "general_top1", "specialized_gain_pts",
+                        "general_change_pts", "collapsed", "failure_reason"] if c in df]
     if not len(df):
         return "_none_"
 

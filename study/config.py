@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from .library.benchmarks import BenchmarkSpec, SpecError, resolve
 from .settings import TrialSettings
-from .vocabulary import KNOBS, OBJECTIVE_METRICS, ROLES, TRAIN_METRICS
+from .vocabulary import HEADLINES, KNOBS, OBJECTIVE_METRICS, ROLES, TRAIN_METRICS, headline
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 DEFAULT_SPACE = SPACES_DIR / "default.yaml"
@@ -166,7 +166,8 @@ class SearchSection(_Strict):
     # Optuna storage URL (e.g. sqlite:///optuna.db) to watch the search with optuna-dashboard; in-memory
     # when null. Give a database password through the OPTUNA_STORAGE environment variable, not here.
     optuna_storage: Optional[str] = None
-    objective: list[Objective] = Field([Objective(metric="specialized_top1")], min_length=1, max_length=4)
+    # Read on the validation part of the benchmarks. Default: the specialized headline metric, maximised.
+    objective: Optional[list[Objective]] = Field(None, min_length=1, max_length=4)
     # Seed replicates after the sweep: the best `replicate_top` trials (by the first objective; null = all)
     # are rerun until each configuration has `replicate_seeds` seeds; the summary shows mean +/- sd.
     replicate_seeds: int = Field(1, ge=1, le=100)
@@ -178,8 +179,17 @@ class EvaluationSection(_Strict):
 
     # WiSE-FT: the model with its trained change scaled by alpha (0 = base model, 1 = fine-tuned).
     wiseft_alphas: list[Annotated[float, Field(ge=0, le=1)]] = [0.0, 0.25, 0.5, 0.75, 1.0]
-    # the alpha a trial reports as wiseft_best_*: the one that maximises this
+    # the alpha a trial reports as wiseft_best_*: the one that maximises this on the validation part
     wiseft_select: Literal["specialized_top1", "general_top1", "mean_top1"] = "mean_top1"
+    # The metric the summary and the finding lead with (top-1 is always reported beside it). Balanced
+    # accuracy by default: on an imbalanced benchmark, top-1 rewards predicting the majority class.
+    headline: Literal[HEADLINES] = "balanced_accuracy"  # type: ignore[valid-type]
+    # Share of each benchmark (without its own validation split) held out as the validation part that
+    # chooses; the rest is the test part that reports. Seeded and stratified by label.
+    validation_share: float = Field(0.5, gt=0, lt=1)
+    # A trial whose test predictions put one class on at least this share of a benchmark's images (while
+    # that class's true share is lower) is flagged as collapsed; its difference is never called a gain.
+    collapse_share: float = Field(0.9, gt=0.5, le=1)
 
 
 class ResourcesSection(_Strict):
@@ -199,6 +209,12 @@ class StudyConfig(_Strict):
     evaluation: EvaluationSection = EvaluationSection()
     resources: ResourcesSection = ResourcesSection()
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _default_objective(self):
+        if self.search.objective is None:
+            self.search.objective = [Objective(metric=headline("specialized", self.evaluation.headline))]
+        return self
 
     @property
     def multi_objective(self) -> bool:

@@ -1,7 +1,8 @@
-"""The one rule for "best trial" and the one Pareto front, used by the end-of-run summary and by ``analysis``.
+"""The one rule for "best trial", the one Pareto front, the multiple-comparison correction and the one rule
+for calling a difference a gain, used by the end-of-run summary and by ``analysis`` alike.
 
-Both take plain records: ``(trial_id, metrics)`` pairs, so the CLI (Tune results)
-and the report (MLflow runs) rank the very same numbers the very same way.
+They take plain records: ``(trial_id, metrics)`` pairs, so the CLI (Tune results)
+and the report (MLflow runs) rank and word the very same numbers the very same way.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ def _value(metrics: Mapping[str, float], key: str) -> float:
 def best_trial(records: Iterable[Record], metric: str = SPECIALIZED_TOP1, mode: str = "max") -> str | None:
     """The id of the best trial by ``metric`` (``mode`` ``max`` or ``min``), or None when none has it.
 
-    Ties are broken deterministically, in this order: the higher ``general_top1`` (the same gain at a
-    smaller general cost wins), then the smaller trial id (string order). Records lacking ``metric``
-    (failed or unfinished trials) are never chosen.
+    Ties are broken deterministically, in this order: the higher ``general_top1`` of the same part
+    (``val/general_top1`` for ``val/...``: the same gain at a smaller general cost wins), then the smaller
+    trial id (string order). Records lacking ``metric`` (failed or unfinished trials) are never chosen.
     """
     sign = 1.0 if mode == "max" else -1.0
-    ranked = [(sign * _value(m, metric), _value(m, GENERAL_TOP1), tid) for tid, m in records
+    part = metric.rpartition("/")[0]
+    general = f"{part}/{GENERAL_TOP1}" if part else GENERAL_TOP1
+    ranked = [(sign * _value(m, metric), _value(m, general), tid) for tid, m in records
               if _value(m, metric) != -math.inf]
     if not ranked:
         return None
@@ -44,3 +47,30 @@ def pareto_front(records: Iterable[Record], x: str = SPECIALIZED_TOP1, y: str = 
     pts = [p for p in pts if p[1] != -math.inf and p[2] != -math.inf]
     return [tid for tid, a, b in pts
             if not any(c >= a and d >= b and (c, d) != (a, b) for _, c, d in pts)]
+
+
+def holm(pvalues: Mapping[str, float]) -> dict[str, float]:
+    """Holm-adjusted p-values (family-wise error rate) of ``{trial_id: p}``, one test per trial against the
+    baseline; statsmodels' ``multipletests(method="holm")``. NaN p-values are left out."""
+    from statsmodels.stats.multitest import multipletests
+
+    ids = [t for t, p in pvalues.items() if p is not None and not math.isnan(p)]
+    if not ids:
+        return {}
+    adjusted = multipletests([pvalues[t] for t in ids], method="holm")[1]
+    return {t: float(a) for t, a in zip(ids, adjusted)}
+
+
+def verdict(change: float, ci_low: float, ci_high: float, collapsed: bool, noun: str = "gain") -> str:
+    """How a change against the baseline may be worded: ``"gain"`` (``noun``) only when its interval lies
+    above 0 and the model did not collapse; ``"loss"`` when the interval lies below 0; else ``"no reliable
+    gain"``. A collapsed model's difference is never a gain."""
+    if collapsed:
+        return f"no reliable {noun} (the model collapsed to one class)"
+    if math.isnan(ci_low) or math.isnan(ci_high):
+        return f"no reliable {noun} (no interval)"
+    if ci_low > 0:
+        return noun
+    if ci_high < 0:
+        return "loss"
+    return f"no reliable {noun}"

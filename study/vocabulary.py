@@ -24,48 +24,72 @@ def _numeric(annotation) -> bool:
 NUMERIC_KNOBS: tuple[str, ...] = tuple(k for k, f in TrialSettings.model_fields.items() if _numeric(f.annotation))
 
 # ----------------------------------------------------------------- metrics
+# Every benchmark is split once into a validation part, which chooses (Optuna objectives, ASHA, the WiSE-FT
+# alpha, the best trial), and a test part, which reports. Metric keys carry the part: "val/..." or "test/...".
+VAL, TEST = "val", "test"
+HEADLINES = ("balanced_accuracy", "top1")  # evaluation.headline: the metric the finding leads with
 ROLES = ("specialized", "general")
 SPECIALIZED_TOP1 = "specialized_top1"
 GENERAL_TOP1 = "general_top1"
 SPECIALIZED_GAIN = "specialized_top1_gain"      # fine-tuned minus baseline, accuracy units
 GENERAL_CHANGE = "general_top1_change"
 HEADLINE = (SPECIALIZED_TOP1, "specialized_balanced_accuracy", GENERAL_TOP1, "general_balanced_accuracy")
-CHANGES = (SPECIALIZED_GAIN, GENERAL_CHANGE)
+CHANGES = (SPECIALIZED_GAIN, "specialized_balanced_accuracy_gain", GENERAL_CHANGE, "general_balanced_accuracy_change")
 WISEFT_BEST = "wiseft_best_"                    # prefix: the metrics at a trial's chosen WiSE-FT alpha
 WISEFT_BEST_ALPHA = "wiseft_best_alpha"
-WISEFT_REPORTED = (SPECIALIZED_TOP1, GENERAL_TOP1, SPECIALIZED_GAIN, GENERAL_CHANGE, "mean_top1")
-#: metrics a search objective (or ASHA) may optimise
+WISEFT_REPORTED = HEADLINE + CHANGES + ("mean_top1",)
+#: metrics a search objective (or ASHA) may optimise; the search reads them on the validation part
 OBJECTIVE_METRICS = HEADLINE + CHANGES + tuple(WISEFT_BEST + k for k in WISEFT_REPORTED)
 #: training-side metrics every epoch reports
 TRAIN_METRICS = ("train_loss", "train_pairs", "steps", "weight_change_norm", "eval_seconds", "epoch_seconds")
 FINAL_PREFIX = "final/"                         # a trial's last-epoch metrics, logged once at step 0
 #: metrics the replicates summarise as mean +/- sd
-REPLICATED = (SPECIALIZED_TOP1, GENERAL_TOP1, SPECIALIZED_GAIN, GENERAL_CHANGE,
-              WISEFT_BEST + SPECIALIZED_TOP1, WISEFT_BEST + GENERAL_TOP1)
+REPLICATED = HEADLINE + (SPECIALIZED_GAIN, GENERAL_CHANGE, WISEFT_BEST + SPECIALIZED_TOP1, WISEFT_BEST + GENERAL_TOP1)
+
+
+def key(split: str, metric: str) -> str:
+    """``val/specialized_top1``: ``metric`` measured on the ``split`` part of the benchmarks."""
+    return f"{split}/{metric}"
+
+
+def headline(role: str, name: str) -> str:
+    """``specialized_balanced_accuracy`` for role ``specialized`` and headline ``balanced_accuracy``."""
+    return f"{role}_{name}"
+
+
+def change_name(metric: str) -> str:
+    """``specialized_top1`` -> ``specialized_top1_gain``; ``general_top1`` -> ``general_top1_change``."""
+    return metric + ("_gain" if metric.startswith("specialized") else "_change")
 
 
 def changes(values: dict, baseline: dict) -> dict:
-    """Headline changes against the baseline, in accuracy units: ``specialized_top1_gain``, ``general_top1_change``."""
+    """Changes of the headline metrics (top-1 and balanced accuracy, each role, each part) against the
+    baseline, in accuracy units: ``val/specialized_top1_gain``, ``test/general_balanced_accuracy_change``..."""
     out = {}
-    for metric, change in ((SPECIALIZED_TOP1, SPECIALIZED_GAIN), (GENERAL_TOP1, GENERAL_CHANGE)):
-        if metric in baseline and metric in values:
-            out[change] = values[metric] - baseline[metric]
+    for k, v in values.items():
+        split, _, metric = k.rpartition("/")
+        if split in (VAL, TEST) and metric in HEADLINE and k in baseline:
+            out[key(split, change_name(metric))] = v - baseline[k]
     return out
 
 
 def wiseft_key(alpha: float, metric: str) -> str:
-    """``wiseft/alpha_<a>/<metric>``: a metric of the model with its trained change scaled by ``alpha``."""
-    return f"wiseft/alpha_{alpha:g}/{metric}"
+    """``val/wiseft/alpha_<a>/specialized_top1`` for ``metric`` ``val/specialized_top1``: a metric of the model
+    with its trained change scaled by ``alpha``."""
+    split, _, name = metric.rpartition("/")
+    return f"{split}/wiseft/alpha_{alpha:g}/{name}" if split else f"wiseft/alpha_{alpha:g}/{name}"
 
 
-def wiseft_curve(metrics: dict) -> list[tuple[float, float, float]]:
-    """``[(alpha, specialized_top1, general_top1)]`` sorted by alpha, from a run's ``wiseft/alpha_*`` metrics."""
+def wiseft_curve(metrics: dict, split: str = VAL, name: str = SPECIALIZED_TOP1,
+                 other: str = GENERAL_TOP1) -> list[tuple[float, float, float]]:
+    """``[(alpha, specialized, general)]`` sorted by alpha, from a run's ``<split>/wiseft/alpha_*`` metrics
+    (``name`` and ``other``: the two metrics read, top-1 by default)."""
     out = []
-    for key, value in metrics.items():
-        parts = key.split("/")
-        if len(parts) == 3 and parts[0] == "wiseft" and parts[1].startswith("alpha_") and parts[2] == SPECIALIZED_TOP1:
-            alpha = float(parts[1].removeprefix("alpha_"))
-            out.append((alpha, value, metrics.get(wiseft_key(alpha, GENERAL_TOP1), float("nan"))))
+    prefix = f"{split}/wiseft/alpha_"
+    for k, value in metrics.items():
+        if k.startswith(prefix) and k.endswith("/" + name):
+            alpha = float(k.removeprefix(prefix).split("/")[0])
+            out.append((alpha, value, metrics.get(wiseft_key(alpha, key(split, other)), float("nan"))))
     return sorted(out)
 
 
@@ -78,6 +102,7 @@ TRIAL_TAG = "study.trial_id"
 STATUS_TAG = "study.status"
 FAILURE_TAG = "study.failure_reason"
 SWEEP_TAG = "study.sweep"
+COLLAPSED_TAG = "study.collapsed"    # benchmarks on which a trial's test predictions collapsed to one class
 REPLICATE_OF_TAG = "study.replicate_of"
 
 # run kinds (values of study.kind)

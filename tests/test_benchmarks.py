@@ -220,3 +220,47 @@ def test_feature_cache_computes_once_per_key(tmp_path):
     assert len(calls) == 1 and cache.hits == 2 and value.tolist() == [1.0, 1.0]
     FeatureCache(tmp_path, "model-b").get("image", "bench-1", lambda: calls.append(1) or torch.zeros(2))
     assert len(calls) == 2  # other weights never reuse a file
+
+
+# ------------------------------------------------------- validation and test parts
+def test_validation_and_test_parts_are_seeded_stratified_and_disjoint():
+    from study.library.benchmarks import stratified_split
+
+    labels = torch.tensor([0] * 50 + [1] * 25 + [2] * 25)
+    val, test = stratified_split(labels, 0.4, seed=3)
+    assert set(val.tolist()).isdisjoint(test.tolist()) and sorted(val.tolist() + test.tolist()) == list(range(100))
+    assert torch.bincount(labels[val]).tolist() == [20, 10, 10]  # 40% of every class
+    again, _ = stratified_split(labels, 0.4, seed=3)
+    other, _ = stratified_split(labels, 0.4, seed=4)
+    assert torch.equal(val, again) and not torch.equal(val, other)
+
+
+def test_a_study_scores_each_benchmark_on_disjoint_validation_and_test_parts(tmp_path):
+    from study.config import load_study_config
+    from study.library.benchmarks import eval_sets
+    from study.library.models import load_base_model
+
+    cfg, _ = load_study_config(None, [("data.offline_scale", 0.05)])
+    sets = eval_sets(cfg.data, tmp_path, load_base_model("clip-study-tiny", None).preprocess, validation_share=0.5)
+    assert [(s.spec.name, s.split) for s in sets] == [
+        ("micrographs", "val"), ("micrographs", "test"), ("micrographs-captions", "val"),
+        ("micrographs-captions", "test"), ("shapes", "val"), ("shapes", "test")]
+    val, test = sets[0], sets[1]
+    assert val.key == "val/specialized_" and test.key == "test/specialized_" and test.label == "test_specialized"
+    whole = {tuple(x.flatten()[:64].tolist()) for x in torch.cat([val.images, test.images])}
+    assert len(whole) == len(val.images) + len(test.images)  # no image in both parts
+    cap_val, cap_test = sets[2], sets[3]
+    for part in (cap_val, cap_test):  # retrieval splits by image; each caption follows its image
+        assert sorted(set(part.caption_image.tolist())) == list(range(len(part.images)))
+        assert len(part.captions) == len(part.caption_image)
+
+
+def test_chance_levels_and_collapse():
+    from study.library.zeroshot import chance_and_collapse
+
+    labels = torch.tensor([0] * 50 + [1] * 25 + [2] * 25)
+    out = chance_and_collapse(torch.zeros(100, dtype=torch.long), labels, 3)
+    assert out == {"chance_top1": 0.5, "chance_balanced_accuracy": 1 / 3, "pred_majority_share": 1.0, "collapsed": 1.0}
+    assert chance_and_collapse(labels.clone(), labels, 3)["collapsed"] == 0.0  # right answers do not collapse
+    skewed = torch.tensor([0] * 95 + [1] * 5)
+    assert chance_and_collapse(torch.zeros(100, dtype=torch.long), skewed, 2)["collapsed"] == 0.0  # the data is 95% one class

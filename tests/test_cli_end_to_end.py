@@ -17,6 +17,7 @@ def test_smoke_study_records_parent_baseline_and_one_child_per_trial(tmp_path, s
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "Study summary" in out and "points vs baseline" in out and "mlflow ui --backend-store-uri" in out
+    assert "chosen on validation (specialized_balanced_accuracy, max)" in out and "(chance" in out
 
     c, runs = mlflow_runs(tmp_path)
     kinds = [r.data.tags.get("study.kind") for r in runs]
@@ -33,14 +34,18 @@ def test_smoke_study_records_parent_baseline_and_one_child_per_trial(tmp_path, s
     report = {a.path for a in c.list_artifacts(parent.info.run_id, "analysis")}
     assert {"analysis/report.md", "analysis/trials.csv", "analysis/tradeoff_map.png",
             "analysis/wiseft_curves.png"} <= report
-    assert "WiSE-FT (trained change x alpha): best alpha" in out and "top-1 95% CI [" in out
+    assert "WiSE-FT (trained change x alpha): alpha" in out and "paired 95% CI [" in out and "Holm-adjusted" in out
 
     baseline = next(r for r in children if r.data.tags["study.kind"] == "baseline")
-    assert 0 <= baseline.data.metrics["specialized_top1"] <= 1
-    assert baseline.data.metrics["specialized_top1_ci_low"] <= baseline.data.metrics["specialized_top1"]
-    assert "eval/general_confusion.csv" in {a.path for a in c.list_artifacts(baseline.info.run_id, "eval")}
+    bm = baseline.data.metrics
+    assert 0 <= bm["test/specialized_top1"] <= 1 and 0 <= bm["val/specialized_top1"] <= 1
+    assert bm["test/specialized_top1_ci_low"] <= bm["test/specialized_top1"]
+    assert bm["test/specialized_chance_balanced_accuracy"] == 0.25  # 4 morphologies
+    assert 0.25 <= bm["test/specialized_chance_top1"] < 1  # the majority class's share of the test part
+    assert {"eval/test_general_confusion.csv", "eval/val_general_confusion.csv"} <= {
+        a.path for a in c.list_artifacts(baseline.info.run_id, "eval")}
     assert "McNemar p" in out
-    assert baseline.data.metrics["general_top1"] >= 0
+    assert bm["test/general_top1"] >= 0
 
     trials = [r for r in children if r.data.tags["study.kind"] == "trial"]
     assert len({r.data.tags["study.trial_id"] for r in trials}) == 2
@@ -48,45 +53,49 @@ def test_smoke_study_records_parent_baseline_and_one_child_per_trial(tmp_path, s
     # --seeds 2 --replicate-top 1: the best trial rerun once with the next seed; mean +/- sd reported.
     rep = next(r for r in children if r.data.tags["study.kind"] == "replicate")
     best = next(r for r in trials if r.data.tags["study.trial_id"] == rep.data.tags["study.replicate_of"])
-    assert best.data.metrics["specialized_top1"] == max(r.data.metrics["specialized_top1"] for r in trials)
+    chosen = "val/specialized_balanced_accuracy"  # replicated: the best on validation
+    assert best.data.metrics[chosen] == max(r.data.metrics[chosen] for r in trials)
     assert rep.info.status == "FINISHED" and rep.data.params["seed"] == "1"
     assert rep.data.params["learning_rate"] == best.data.params["learning_rate"]
     pm = c.get_run(parent.info.run_id).data.metrics
-    values = [best.data.metrics["specialized_top1"], rep.data.metrics["specialized_top1"]]
+    values = [best.data.metrics["test/specialized_top1"], rep.data.metrics["test/specialized_top1"]]
     key = f"replicates/{best.data.tags['study.trial_id']}/specialized_top1"
     assert pm[f"{key}_mean"] == pytest.approx(sum(values) / 2) and pm[f"{key}_sd"] >= 0
-    assert "seed replicates (mean +/- sd" in out and f"{best.data.tags['study.trial_id']} (n=2)" in out
+    assert "seed replicates (test top-1, mean +/- sd" in out and f"{best.data.tags['study.trial_id']} (n=2)" in out
     assert "replicates.csv" in {a.path for a in c.list_artifacts(parent.info.run_id)}
     for run in trials:
         assert run.info.status == "FINISHED" and run.data.tags["study.status"] == "FINISHED"
         assert TRIAL_PARAMS <= set(run.data.params), set(run.data.params)
         assert run.data.params["epochs"] == "2"
         m = run.data.metrics
-        for key in ("specialized_top1", "general_top1", "specialized_balanced_accuracy", "train_loss",
-                    "weight_change_norm", "final/specialized_top1", "final/general_top1_change",
-                    "specialized_top1_gain_ci_low", "general_mcnemar_p", "specialized_recall/0"):
+        for key in ("val/specialized_top1", "val/general_top1", "val/specialized_balanced_accuracy", "train_loss",
+                    "weight_change_norm", "final/test/specialized_top1", "final/test/general_top1_change",
+                    "test/specialized_balanced_accuracy_gain_ci_low", "test/general_mcnemar_p",
+                    "test/specialized_recall/0", "test/specialized_mcnemar_p_holm", "test/specialized_collapsed"):
             assert key in m, key
-        assert m["specialized_top1_ci_low"] <= m["specialized_top1"] <= m["specialized_top1_ci_high"]
-        assert 0 <= m["specialized_mcnemar_p"] <= 1
-        assert "eval/specialized_confusion.csv" in {a.path for a in c.list_artifacts(run.info.run_id, "eval")}
+        assert m["test/specialized_top1_ci_low"] <= m["test/specialized_top1"] <= m["test/specialized_top1_ci_high"]
+        assert 0 <= m["test/specialized_mcnemar_p"] <= m["test/specialized_mcnemar_p_holm"] <= 1
+        assert "eval/test_specialized_confusion.csv" in {a.path for a in c.list_artifacts(run.info.run_id, "eval")}
+        # The test part is scored once, at the last epoch; validation every epoch.
+        assert [h.step for h in c.get_metric_history(run.info.run_id, "test/specialized_top1")] == [2]
+        assert sorted(h.step for h in c.get_metric_history(run.info.run_id, "val/specialized_top1")) == [1, 2]
         # Retrieval on held-out captions, both directions, and how long evaluation took.
         for key in ("i2t_recall_at_1", "t2i_recall_at_5", "i2t_recall_at_10", "i2t_recall_at_1_ci_low"):
-            assert 0 <= m[f"specialized/micrographs-captions/{key}"] <= 1, key
+            assert 0 <= m[f"test/specialized/micrographs-captions/{key}"] <= 1, key
         assert m["eval_seconds"] > 0
-        # The WiSE-FT curve: every alpha logged; alpha = 0 is the baseline exactly.
-        alphas = sorted(float(k.split("/")[1].removeprefix("alpha_")) for k in m
-                        if k.startswith("wiseft/alpha_") and k.endswith("/specialized_top1"))
+        # The WiSE-FT curve on validation: every alpha logged; alpha = 0 is the baseline exactly.
+        alphas = sorted(float(k.split("/")[2].removeprefix("alpha_")) for k in m
+                        if k.startswith("val/wiseft/alpha_") and k.endswith("/specialized_top1"))
         assert alphas == [0.0, 0.25, 0.5, 0.75, 1.0]
+        assert not any(k.startswith("test/wiseft/alpha_") for k in m)  # test scores the chosen alpha only
         for bench in ("specialized", "general"):
-            assert m[f"wiseft/alpha_0/{bench}_top1"] == baseline.data.metrics[f"{bench}_top1"]
-            assert m[f"wiseft/alpha_0/{bench}_balanced_accuracy"] == baseline.data.metrics[f"{bench}_balanced_accuracy"]
+            assert m[f"val/wiseft/alpha_0/{bench}_top1"] == bm[f"val/{bench}_top1"]
+            assert m[f"val/wiseft/alpha_0/{bench}_balanced_accuracy"] == bm[f"val/{bench}_balanced_accuracy"]
         assert m["wiseft_best_alpha"] in alphas
-        best_mean = max(m[f"wiseft/alpha_{a:g}/mean_top1"] for a in alphas)
-        assert m["wiseft_best_mean_top1"] == best_mean
-        gain = run.data.metrics["specialized_top1"] - baseline.data.metrics["specialized_top1"]
-        assert abs(run.data.metrics["specialized_top1_gain"] - gain) < 1e-6
-        history = c.get_metric_history(run.info.run_id, "specialized_top1")
-        assert sorted(m.step for m in history) == [1, 2]
+        best_mean = max(m[f"val/wiseft/alpha_{a:g}/mean_top1"] for a in alphas)
+        assert m["val/wiseft_best_mean_top1"] == best_mean and "test/wiseft_best_specialized_top1" in m
+        gain = m["test/specialized_top1"] - bm["test/specialized_top1"]
+        assert abs(m["test/specialized_top1_gain"] - gain) < 1e-6
         artifacts = {a.path for a in c.list_artifacts(run.info.run_id, "adapter")}
         assert {"adapter/adapter_model.safetensors", "adapter/alignment_params.safetensors"} <= artifacts
         cfg = json.loads(open(c.download_artifacts(run.info.run_id, "trial_config.json", str(tmp_path))).read())
@@ -158,3 +167,11 @@ def test_asha_auto_concurrency_and_an_optuna_storage_for_the_dashboard(tmp_path,
     assert len(names) == 1 and names[0].startswith("clip-alignment-study/sweep-")
     study = optuna.load_study(study_name=names[0], storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert len(study.trials) == 4
+
+    # The objective never sees a test number: every value Optuna received is a validation value some trial
+    # logged at some epoch, and none is a test value that no validation value equals.
+    val = {h.value for r in trials for h in c.get_metric_history(r.info.run_id, "val/specialized_balanced_accuracy")}
+    test = {h.value for r in trials for h in c.get_metric_history(r.info.run_id, "test/specialized_balanced_accuracy")}
+    received = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert received and all(v in val for v in received), (received, val)
+    assert test - val, "validation and test values coincide: the check above proves nothing"

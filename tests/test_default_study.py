@@ -26,10 +26,10 @@ def test_default_study_from_scratch(tmp_path):
 
     c, runs = mlflow_runs(tmp_path)
     baseline = next(r for r in runs if r.data.tags.get("study.kind") == "baseline").data.metrics
-    assert baseline["general_top1"] >= 0.60
-    assert abs(baseline["specialized_top1"] - baseline["specialized_chance"]) <= 0.15
+    assert baseline["test/general_top1"] >= 0.60
+    assert abs(baseline["test/specialized_top1"] - baseline["test/specialized_chance_balanced_accuracy"]) <= 0.15
     trials = [r for r in runs if r.data.tags.get("study.kind") == "trial"]
     assert len(trials) == 8 and all(r.data.tags["study.status"] == "FINISHED" for r in trials)
-    best = max(r.data.metrics["specialized_top1"] for r in trials)
-    assert best > baseline["specialized_top1"], "fine-tuning must raise specialized zero-shot accuracy"
+    best = max(r.data.metrics["test/specialized_top1"] for r in trials)
+    assert best > baseline["test/specialized_top1"], "fine-tuning must raise specialized zero-shot accuracy"
     assert "points vs baseline" in proc.stdout

@@ -42,4 +42,5 @@ def test_two_gloo_workers_match_one(ray_local, smoke_world, smoke_cache, tmp_pat
         assert moved > 0, name  # training did move it, so the comparison is not vacuous
         assert (two[name] - one[name]).abs().max() <= 0.02 * moved, name
     assert abs(m1["train_loss"] - m2["train_loss"]) < 1e-6
-    assert m1["specialized_top1"] == m2["specialized_top1"]
+    assert m1["test/specialized_top1"] == m2["test/specialized_top1"]
+    assert m1["val/specialized_balanced_accuracy"] == m2["val/specialized_balanced_accuracy"]

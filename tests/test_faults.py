@@ -154,10 +154,10 @@ def assert_complete(uri: str, trials: int) -> list:
     assert len(ids) == len(set(ids)) == trials, ids
     for r in live:
         assert r.info.status == "FINISHED" and r.data.tags["study.status"] == "FINISHED", r.data.tags
-        for key in ("train_loss", "specialized_top1"):
+        for key in ("train_loss", "val/specialized_top1"):
             steps = sorted(m.step for m in c.get_metric_history(r.info.run_id, key))
             assert steps == list(range(1, EPOCHS + 1)), (r.data.tags["study.trial_id"], key, steps)
-        assert "final/specialized_top1" in r.data.metrics and "wiseft/alpha_0/specialized_top1" in r.data.metrics
+        assert "final/test/specialized_top1" in r.data.metrics and "val/wiseft/alpha_0/specialized_top1" in r.data.metrics
         assert {a.path for a in c.list_artifacts(r.info.run_id, "adapter")} >= {"adapter/adapter_model.safetensors"}
     return live
 

@@ -96,5 +96,5 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, smoke_cache, sig
     searcher.restore_from_dir(str(exp_dir))
     values = sorted(t.value for t in searcher._ot_study.trials if t.value is not None)
     assert len(searcher._ot_study.trials) == 2
-    expected = sorted(r.data.metrics["specialized_top1"] for r in trials)
+    expected = sorted(r.data.metrics["val/specialized_balanced_accuracy"] for r in trials)
     assert values == pytest.approx(expected, abs=1e-6)

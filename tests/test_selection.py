@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -31,37 +32,62 @@ def test_pareto_front_keeps_ties_and_drops_dominated_trials():
     assert pareto_front(recs) == ["a", "b", "d"]
 
 
-def test_a_tie_gives_the_same_best_trial_in_the_summary_and_in_the_report(tmp_path):
-    """Two trials tie at 50.0% specialized; the one that kept more general accuracy wins in both places,
-    whatever order MLflow or Tune list them in (the bug: the summary named one, report.md the other)."""
-    from analysis.report import run_analysis
+def _parts(spec: float, gen: float) -> dict:
+    """Metrics as a trial reports them: both parts, both headline metrics (same values for brevity)."""
+    return {f"{part}/{role}_{m}": v for part in ("val", "test") for role, v in (("specialized", spec), ("general", gen))
+            for m in ("top1", "balanced_accuracy")}
 
+
+def test_a_tie_gives_the_same_best_trial_in_the_summary_and_in_the_report(tmp_path):
+    """Two trials tie at 50.0% specialized on validation; the one that kept more general accuracy wins in both
+    places, whatever order MLflow or Tune list them in (the bug: the summary named one, report.md the other)."""
+    from analysis.report import run_analysis
+    from study.config import load_study_config
+
+    cfg, _ = load_study_config(None, [("name", "tie")])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = MlflowClient(tracking_uri=uri)
     exp = c.create_experiment("tie", artifact_location=(tmp_path / "art").as_uri())
     parent = c.create_run(exp, tags={"study.kind": "sweep"}).info.run_id
-    baseline = {"specialized_top1": 0.4, "general_top1": 0.8}
+    c.log_param(parent, "evaluation.headline", cfg.evaluation.headline)
+    c.log_param(parent, "search.objective", "specialized_balanced_accuracy:max")
+    baseline = _parts(0.4, 0.8)
     base = c.create_run(exp, tags={"mlflow.parentRunId": parent, "study.kind": "baseline"}).info.run_id
     c.log_batch(base, metrics=[Metric(k, v, 0, 0) for k, v in baseline.items()])
     c.set_terminated(base)
     trials = {"aaaa0001": (0.5, 0.3), "ffff0002": (0.5, 0.7), "bbbb0003": (0.45, 0.8)}
     rows = []
-    for tid, (spec, gen) in trials.items():  # the worse tied trial is created first and last alike
+    for tid, (spec, gen) in trials.items():
         run = c.create_run(exp, tags={"mlflow.parentRunId": parent, "study.kind": "trial", "study.trial_id": tid,
                                       "study.status": "FINISHED"}).info.run_id
-        metrics = {"specialized_top1": spec, "general_top1": gen}
+        metrics = _parts(spec, gen)
         c.log_batch(run, metrics=[Metric(f"final/{k}", v, 0, 0) for k, v in metrics.items()])
         for k, v in {"learning_rate": 1e-3, "lora_rank": 4, "data_fraction": 1.0, "tether_weight": 0.0,
                      "seed": 0}.items():
             c.log_param(run, k, str(v))
         c.set_terminated(run)
         rows.append(TrialOutcome(tid, "TERMINATED", TrialSettings(), metrics))
-    summary = format_summary(rows, baseline, "tie", uri, parent, multi_objective=False)
-    named = re.search(r"best specialized trial (\w+)", summary).group(1)
+    summary = format_summary(rows, baseline, cfg, uri, parent)
+    named = re.search(r"best trial (\w+)", summary).group(1)
     report, lines = run_analysis(uri, "tie", parent, tmp_path / "out")
-    in_report = re.search(r"in trial (\w+)", " ".join(lines)).group(1)
+    in_report = re.search(r"was (\w+) \(learning rate", " ".join(lines)).group(1)
     assert named == in_report == "ffff0002"
     assert "ffff0002" in report.read_text()
     # the same in reverse order of the Tune results
-    summary_rev = format_summary(list(reversed(rows)), baseline, "tie", uri, parent, multi_objective=False)
-    assert re.search(r"best specialized trial (\w+)", summary_rev).group(1) == "ffff0002"
+    summary_rev = format_summary(list(reversed(rows)), baseline, cfg, uri, parent)
+    assert re.search(r"best trial (\w+)", summary_rev).group(1) == "ffff0002"
+
+
+def test_holm_matches_statsmodels_and_verdicts_follow_the_interval():
+    from statsmodels.stats.multitest import multipletests
+
+    from study.selection import holm, verdict
+
+    raw = {"a": 0.01, "b": 0.04, "c": 0.03, "d": float("nan")}
+    expected = multipletests([0.01, 0.04, 0.03], method="holm")[1]
+    assert holm(raw) == pytest.approx(dict(zip("abc", expected))) and "d" not in holm(raw)
+    assert holm(raw)["a"] == pytest.approx(0.03)  # 3 x 0.01
+    assert verdict(0.05, 0.01, 0.09, False) == "gain"
+    assert verdict(0.05, -0.01, 0.09, False) == "no reliable gain"
+    assert verdict(-0.05, -0.09, -0.01, False) == "loss"
+    assert verdict(0.09, 0.04, 0.14, True).startswith("no reliable gain (the model collapsed")

@@ -47,6 +47,8 @@ class BenchmarkSpec(BaseModel):
     revision: Optional[str] = Field(None, description="Hugging Face revision (branch, tag or commit)")
     data_files: Optional[Union[str, list[str], dict[str, Union[str, list[str]]]]] = None
     split: str = "test"
+    validation_split: Optional[str] = Field(None, description="the dataset's own validation split; when unset, "
+                                            "`split` is divided into validation and test parts (seeded, stratified)")
     image_column: str = "image"
     label_column: str = "label"  # classification
     caption_column: str = "caption"  # retrieval: a string or a list of strings per image
@@ -199,7 +201,7 @@ class EvalSet:
 
     spec: BenchmarkSpec
     role: str  # "specialized" | "general"
-    primary: bool  # the role's headline benchmark: its metrics are "<role>_<metric>"
+    primary: bool  # the role's headline benchmark: its metrics are "<split>/<role>_<metric>"
     images: torch.Tensor  # [N, 3, H, W]
     labels: Optional[torch.Tensor] = None  # [N] (classification)
     classnames: list[str] = field(default_factory=list)
@@ -207,17 +209,68 @@ class EvalSet:
     captions: list[str] = field(default_factory=list)  # retrieval: every caption
     caption_image: Optional[torch.Tensor] = None  # [T]: the image each caption belongs to
     skipped: int = 0  # images that could not be decoded
-    fingerprint: str = ""  # identifies spec + preprocessing: the key of cached embeddings
+    fingerprint: str = ""  # identifies spec + preprocessing + part: the key of cached embeddings
+    # "val" (chooses: objectives, ASHA, the WiSE-FT alpha, the best trial), "test" (reports), or "" for a
+    # whole benchmark evaluated alone (python -m study.evaluate)
+    split: str = ""
 
     @property
     def key(self) -> str:
-        """Metric prefix: ``specialized_`` for the headline benchmark, else ``specialized/<name>/``."""
-        return f"{self.role}_" if self.primary else f"{self.role}/{self.spec.name}/"
+        """Metric prefix: ``test/specialized_`` for the headline benchmark, else ``test/specialized/<name>/``
+        (no ``test/`` for a whole benchmark)."""
+        part = f"{self.split}/" if self.split else ""
+        return f"{part}{self.role}_" if self.primary else f"{part}{self.role}/{self.spec.name}/"
 
     @property
     def label(self) -> str:
-        """Name for artifacts and predictions: the role for the headline benchmark, else the spec name."""
-        return self.role if self.primary else self.spec.name
+        """Name for artifacts and predictions: ``test_specialized`` for the headline benchmark, else
+        ``test_<spec name>`` (no ``test_`` for a whole benchmark)."""
+        name = self.role if self.primary else self.spec.name
+        return f"{self.split}_{name}" if self.split else name
+
+
+def stratified_split(labels: torch.Tensor, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(validation, test)`` of a seeded split of ``labels`` ``[N]``, stratified: each class puts
+    ``round(share * n_class)`` of its items (at least 1 when it has 2 or more) into validation. Disjoint,
+    covering, and the same for the same labels and seed."""
+    gen = torch.Generator().manual_seed(seed)
+    val, test = [], []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        k = min(len(idx) - 1, max(1, round(share * len(idx)))) if len(idx) > 1 else 0
+        val.append(idx[:k])
+        test.append(idx[k:])
+    return torch.sort(torch.cat(val)).values, torch.sort(torch.cat(test)).values
+
+
+def part(s: EvalSet, idx: torch.Tensor, split: str) -> EvalSet:
+    """The images ``idx`` of ``s`` as its ``split`` part (retrieval: with their captions)."""
+    out = EvalSet(s.spec, s.role, s.primary, s.images[idx], None if s.labels is None else s.labels[idx],
+                  s.classnames, s.prompts, skipped=s.skipped, fingerprint=f"{s.fingerprint}-{split}", split=split)
+    if s.caption_image is not None:
+        new_id = {int(old): new for new, old in enumerate(idx.tolist())}
+        keep = [i for i, img in enumerate(s.caption_image.tolist()) if img in new_id]
+        out.captions = [s.captions[i] for i in keep]
+        out.caption_image = torch.tensor([new_id[int(s.caption_image[i])] for i in keep])
+    return out
+
+
+def validation_and_test(spec: BenchmarkSpec, role: str, primary: bool, cache_dir: Path, preprocess, seed: int = 0,
+                        scale: float = 1.0, share: float = 0.5, tensor_cache: Optional[Path] = None) -> list[EvalSet]:
+    """``[validation part, test part]`` of one benchmark: the spec's own ``validation_split`` when it names
+    one, else its ``split`` divided by :func:`stratified_split` (retrieval: by image) with ``share``."""
+    if spec.validation_split:
+        val = decode(spec.model_copy(update={"split": spec.validation_split}), role, primary, cache_dir, preprocess,
+                     seed, scale, tensor_cache)
+        test = decode(spec, role, primary, cache_dir, preprocess, seed, scale, tensor_cache)
+        val.split, test.split = "val", "test"
+        val.fingerprint += "-val"
+        return [val, test]
+    whole = decode(spec, role, primary, cache_dir, preprocess, seed, scale, tensor_cache)
+    labels = whole.labels if whole.labels is not None else torch.zeros(len(whole.images), dtype=torch.long)
+    val_idx, test_idx = stratified_split(labels, share, seed)
+    return [part(whole, val_idx, "val"), part(whole, test_idx, "test")]
 
 
 def class_prompts(spec: BenchmarkSpec, classnames: list[str]) -> list[list[str]]:
@@ -277,12 +330,13 @@ def _decode_fresh(spec: BenchmarkSpec, role: str, primary: bool, cache_dir: Path
     return out
 
 
-def eval_sets(data, cache_dir: Path, preprocess, roles=ROLES) -> list[EvalSet]:
+def eval_sets(data, cache_dir: Path, preprocess, roles=ROLES, validation_share: float = 0.5) -> list[EvalSet]:
     """Every benchmark of ``roles`` in a study's data section (:class:`~study.config.DataSection`, specs
-    resolved), decoded for ``preprocess``; tensors cached under ``<cache>/eval``."""
-    return [decode(spec, role, i == 0, cache_dir, preprocess, data.seed, data.offline_scale,
-                   tensor_cache=tensor_cache(cache_dir))
-            for role in roles for i, spec in enumerate(data.specs(role))]
+    resolved), decoded for ``preprocess`` and split into validation and test parts (seeded by the data
+    seed); tensors cached under ``<cache>/eval``. Order: per benchmark, validation then test."""
+    return [s for role in roles for i, spec in enumerate(data.specs(role))
+            for s in validation_and_test(spec, role, i == 0, cache_dir, preprocess, data.seed, data.offline_scale,
+                                         validation_share, tensor_cache(cache_dir))]
 
 
 def check_benchmarks(data, cache_dir: Path) -> dict[str, int]:

@@ -96,8 +96,8 @@ def pretrain(out_path: Path, cache_dir: Path, s: PretrainSettings) -> dict:
         if step % max(1, s.steps // 10) == 0 or step == s.steps:
             print(f"[pretrain] step {step}/{s.steps}  loss {loss.item():.3f}  {time.time() - t0:.0f}s", flush=True)
     values, _, _ = evaluate_sets(model, tok, sets, "cpu")
-    metrics = {k.removeprefix("general_"): v for k, v in values.items() if k.startswith("general_")}
-    print(f"[pretrain] done in {time.time() - t0:.0f}s: general zero-shot top-1 {metrics['top1']:.1%}", flush=True)
+    metrics = {k.removeprefix("test/general_"): v for k, v in values.items() if k.startswith("test/general_")}
+    print(f"[pretrain] done in {time.time() - t0:.0f}s: general zero-shot top-1 {metrics['top1']:.1%} (test part)", flush=True)
     save_atomic(model.state_dict(), out_path)  # a killed build never leaves a half-written cache
     out_path.with_suffix(".json").write_text(json.dumps({"settings": asdict(s), "general_zero_shot": metrics,
                                                          "seconds": time.time() - t0}, indent=2))

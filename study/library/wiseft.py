@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..settings import TrialSettings
-from ..vocabulary import WISEFT_BEST, WISEFT_BEST_ALPHA, WISEFT_REPORTED, changes, wiseft_key
+from ..vocabulary import (GENERAL_TOP1, SPECIALIZED_TOP1, TEST, VAL, WISEFT_BEST, WISEFT_BEST_ALPHA, WISEFT_REPORTED,
+                          changes, key, wiseft_key)
 from .alignment import apply_alignment_module, load_trainable_state, undistributed
 from .models import load_base_model
 from .zeroshot import evaluate_sets
@@ -40,13 +41,15 @@ def interpolate(model: torch.nn.Module, initial: dict[str, torch.Tensor], traine
 
 
 def wiseft_curve(model_name: str, pretrained: str | None, settings: TrialSettings, trained: dict, initial: dict,
-                 sets, device, alphas: list[float], select: str, baseline: dict) -> dict:
-    """Evaluate the model with its trained change scaled by each of ``alphas`` and pick the best alpha.
+                 sets, device, alphas: list[float], select: str, baseline: dict, collapse_share: float = 0.9) -> dict:
+    """Evaluate the model with its trained change scaled by each of ``alphas`` on the validation parts of
+    ``sets``, pick the alpha that maximises ``select`` there, and score the test parts at that alpha only.
 
     ``trained``/``initial``: :func:`~study.library.alignment.trainable_state` after and before training;
-    ``sets``: the study's :class:`~study.library.benchmarks.EvalSet` list; ``select``: the metric the chosen
-    alpha maximises (``specialized_top1``, ``general_top1`` or ``mean_top1``). Returns flat metrics:
-    ``wiseft/alpha_<a>/<metric>`` for every alpha, ``wiseft_best_alpha`` and ``wiseft_best_<metric>``.
+    ``sets``: the study's :class:`~study.library.benchmarks.EvalSet` list (both parts); ``select``:
+    ``specialized_top1``, ``general_top1`` or ``mean_top1``. Returns flat metrics:
+    ``val/wiseft/alpha_<a>/<metric>`` for every alpha, ``wiseft_best_alpha``, ``val/wiseft_best_<metric>``
+    and ``test/wiseft_best_<metric>``.
 
     The interpolated models are built on a freshly loaded base model, so that alpha = 0 is the base
     model bit for bit (training drifts peft's merged attention weights by round-off).
@@ -54,16 +57,25 @@ def wiseft_curve(model_name: str, pretrained: str | None, settings: TrialSetting
     lm = load_base_model(model_name, pretrained)
     model = apply_alignment_module(lm.model, settings).to(device)
     load_trainable_state(model, trained)
+
+    def scores(split: str) -> dict:
+        values, _, _ = evaluate_sets(model, lm.tokenizer, [s for s in sets if s.split == split], device,
+                                     seed=settings.seed, collapse_share=collapse_share)
+        values.update(changes(values, baseline))
+        values[key(split, "mean_top1")] = (values[key(split, SPECIALIZED_TOP1)] + values[key(split, GENERAL_TOP1)]) / 2
+        return values
+
     out, best = {}, None
     for alpha in alphas:
         interpolate(model, initial, trained, alpha)
-        values, _, _ = evaluate_sets(model, lm.tokenizer, sets, device, seed=settings.seed)
-        values.update(changes(values, baseline))
-        values["mean_top1"] = (values["specialized_top1"] + values["general_top1"]) / 2
+        values = scores(VAL)
         out.update({wiseft_key(alpha, k): v for k, v in values.items() if not k.endswith("images")})
-        if best is None or values[select] > best[1][select]:
+        if best is None or values[key(VAL, select)] > best[1][key(VAL, select)]:
             best = (alpha, values)
-    alpha, values = best
+    alpha, val_values = best
+    interpolate(model, initial, trained, alpha)
+    test_values = scores(TEST)
     out[WISEFT_BEST_ALPHA] = alpha
-    out.update({WISEFT_BEST + k: values[k] for k in WISEFT_REPORTED if k in values})
+    for split, values in ((VAL, val_values), (TEST, test_values)):
+        out.update({key(split, WISEFT_BEST + k): values[key(split, k)] for k in WISEFT_REPORTED if key(split, k) in values})
     return out

@@ -96,7 +96,7 @@ def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, caption_image: torch
 @torch.no_grad()
 def evaluate_sets(model, tokenizer, sets, device, *, detailed: bool = False, baseline_predictions=None,
                   cache: FeatureCache | None = None, frozen_image: bool = False, frozen_text: bool = False,
-                  seed: int = 0, batch_size: int = 256) -> tuple[dict, dict, dict]:
+                  seed: int = 0, batch_size: int = 256, collapse_share: float = 0.9) -> tuple[dict, dict, dict]:
     """Zero-shot metrics of ``model`` on every benchmark of a study.
 
     ``sets``: :class:`~study.library.benchmarks.EvalSet` list. Returns ``(metrics, confusions, predictions)``:
@@ -104,6 +104,7 @@ def evaluate_sets(model, tokenizer, sets, device, *, detailed: bool = False, bas
     intervals, per-class recall, confusion matrices ``{set.label: (matrix, classnames)}`` and, given
     ``baseline_predictions`` ``{set.label: [class per image]}``, the paired test against the baseline.
     ``frozen_image``/``frozen_text`` say a tower is untouched, so ``cache`` may serve its embeddings.
+    Classification sets also get their chance levels and the collapse check (:func:`chance_and_collapse`).
     """
     was_training = model.training
     model.eval()
@@ -128,12 +129,30 @@ def evaluate_sets(model, tokenizer, sets, device, *, detailed: bool = False, bas
                 confusions[s.label] = (matrix, s.classnames)
             else:
                 values = accuracy_metrics(logits, s.labels)
+            values.update(chance_and_collapse(logits.argmax(1), s.labels, len(s.classnames), collapse_share))
         metrics.update({f"{s.key}{k}": v for k, v in values.items()})
         metrics[f"{s.key}images"] = len(s.images)
         if s.skipped:
             metrics[f"{s.key}undecodable_images"] = s.skipped
     model.train(was_training)
     return metrics, confusions, predictions
+
+
+def chance_and_collapse(pred: torch.Tensor, labels: torch.Tensor, classes: int, collapse_share: float = 0.9) -> dict:
+    """Chance levels and the collapse check from predicted and true classes ``[N]``.
+
+    ``chance_top1``: the majority class's share (what always guessing it scores); ``chance_balanced_accuracy``:
+    ``1 / classes``. ``pred_majority_share``: the share of images given the most predicted class;
+    ``collapsed`` is 1.0 when that share is at least ``collapse_share`` while the class's true share is
+    below it (a model that answers one class for nearly everything), else 0.0.
+    """
+    n = len(labels)
+    true_share = torch.bincount(labels.cpu(), minlength=classes).float() / n
+    pred_counts = torch.bincount(pred.cpu(), minlength=classes).float() / n
+    top = int(pred_counts.argmax())
+    collapsed = pred_counts[top] >= collapse_share and true_share[top] < collapse_share
+    return {"chance_top1": float(true_share.max()), "chance_balanced_accuracy": 1.0 / classes,
+            "pred_majority_share": float(pred_counts[top]), "collapsed": float(collapsed)}
 
 
 def detailed_metrics(logits: torch.Tensor, labels: torch.Tensor, baseline_pred: list[int] | None = None,
@@ -143,7 +162,8 @@ def detailed_metrics(logits: torch.Tensor, labels: torch.Tensor, baseline_pred: 
     Returns ``(scalars, confusion [C, C])``. Scalars: ``top1``, ``top5`` (C >= 5), ``balanced_accuracy``,
     ``recall/<class index>``, 95% percentile-bootstrap intervals ``<metric>_ci_low/_ci_high`` (images
     resampled with replacement, ``n_boot`` times), and, given the baseline's predictions on the same
-    images, the paired-bootstrap interval of the top-1 gain and McNemar's exact p-value.
+    images, the paired-bootstrap intervals of the top-1 and balanced-accuracy gains and McNemar's exact
+    p-value (of the top-1 errors).
     """
     from scipy.stats import binomtest
 
@@ -167,6 +187,11 @@ def detailed_metrics(logits: torch.Tensor, labels: torch.Tensor, baseline_pred: 
         base_correct = np.asarray(baseline_pred) == y
         samples["top1_gain"] = top1 - base_correct[idx].mean(1)
         out["top1_gain"] = float(correct.mean() - base_correct.mean())
+        base_boot = base_correct[idx]
+        base_recalls = [(base_boot & (boot_y == k)).sum(1) / np.maximum((boot_y == k).sum(1), 1) for k in present]
+        samples["balanced_accuracy_gain"] = samples["balanced_accuracy"] - np.mean(base_recalls, axis=0)
+        out["balanced_accuracy_gain"] = float(np.mean([correct[y == k].mean() for k in present])
+                                              - np.mean([base_correct[y == k].mean() for k in present]))
         b, w = int((base_correct & ~correct).sum()), int((~base_correct & correct).sum())
         out["mcnemar_p"] = float(binomtest(w, b + w, 0.5).pvalue) if b + w else 1.0
     for name, values in samples.items():

@@ -48,11 +48,8 @@ def prepare(cfg: StudyConfig, cache_dir: Path) -> Prepared:
     torch.manual_seed(0)
     lm = load_base_model(cfg.model.name, pretrained)
     decoded_finetune(cfg.data.finetune, cfg.data, cache_dir, lm.preprocess)  # undecodable images stop us here
-    sets = eval_sets(cfg.data, cache_dir, lm.preprocess)
+    sets = eval_sets(cfg.data, cache_dir, lm.preprocess, validation_share=cfg.evaluation.validation_share)
     baseline, confusions, predictions = evaluate_sets(
         lm.model, lm.tokenizer, sets, "cpu", detailed=True, cache=feature_cache(cache_dir, cfg.model.name, pretrained),
-        frozen_image=True, frozen_text=True)
-    for s in sets:
-        if s.spec.task == "classification":
-            baseline[f"{s.key}chance"] = 1.0 / len(s.classnames)
+        frozen_image=True, frozen_text=True, collapse_share=cfg.evaluation.collapse_share)
     return Prepared(pretrained, pairs, baseline, predictions, confusions, time.time() - t0)

@@ -11,7 +11,7 @@ import statistics
 from dataclasses import dataclass
 
 from ..selection import best_trial
-from ..vocabulary import DONE, REPLICATED
+from ..vocabulary import DONE, REPLICATED, TEST, key
 from .summary import TrialOutcome, records
 from .trial import REPLICATE_OF, tune_config
 
@@ -53,23 +53,24 @@ class Spread:
 
 
 def spreads(best: list[TrialOutcome], replicate_rows: list[TrialOutcome]) -> list[Spread]:
-    """Per chosen trial: its metrics and those of its finished replicates."""
+    """Per chosen trial: its test metrics and those of its finished replicates (keys without the ``test/``)."""
     out = []
     for r in best:
         runs = [r] + [x for x in replicate_rows if x.status == DONE and x.replicate_of == r.trial_id]
-        values = {k: [x.metrics[k] for x in runs if k in x.metrics] for k in REPLICATED}
+        values = {k: [x.metrics[key(TEST, k)] for x in runs if key(TEST, k) in x.metrics] for k in REPLICATED}
         out.append(Spread(r.trial_id, len(runs), {k: v for k, v in values.items() if v}))
     return out
 
 
 def format_spreads(items: list[Spread], baseline: dict) -> list[str]:
-    lines = ["seed replicates (mean +/- sd over seeds; sweep trial + replicates):"]
+    """One line per replicated configuration: test top-1 mean +/- sd over its seeds."""
+    lines = ["seed replicates (test top-1, mean +/- sd over seeds; sweep trial + replicates):"]
     for s in items:
         line = f"  {s.trial_id} (n={s.n}): specialized {s.mean('specialized_top1'):.1%} +/- {s.sd('specialized_top1'):.1%}"
         if "general_top1" in s.values:
             line += f", general {s.mean('general_top1'):.1%} +/- {s.sd('general_top1'):.1%}"
-        if "specialized_top1" in baseline:
-            line += f" (gain {(s.mean('specialized_top1') - baseline['specialized_top1']) * 100:+.1f} points)"
+        if key(TEST, "specialized_top1") in baseline:
+            line += f" (change {(s.mean('specialized_top1') - baseline[key(TEST, 'specialized_top1')]) * 100:+.1f} points)"
         lines.append(line)
     return lines
 

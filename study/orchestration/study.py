@@ -18,8 +18,9 @@ from typing import Optional
 import yaml
 
 from ..config import StudyConfig
-from ..vocabulary import (BASELINE, DONE, GENERAL_TOP1, KIND_TAG, PARENT_TAG, REPLICATED, SPECIALIZED_TOP1, SWEEP,
-                          SWEEP_TAG, UNFINISHED)
+from ..selection import holm
+from ..vocabulary import (BASELINE, COLLAPSED_TAG, DONE, GENERAL_TOP1, KIND_TAG, PARENT_TAG, REPLICATED, ROLES,
+                          SPECIALIZED_TOP1, SWEEP, SWEEP_TAG, TEST, UNFINISHED, VAL, key)
 from . import tracking
 from .prepare import Prepared
 from .replicates import format_spreads, pick_best, replicate_configs, spread_metrics, spreads
@@ -52,6 +53,7 @@ def start_sweep_runs(cfg: StudyConfig, prepared: Prepared, tracking_uri: str, sw
     tags = {KIND_TAG: SWEEP, SWEEP_TAG: sweep_name, **tracking.provenance_tags()}
     parent = c.create_run(exp_id, tags=tags, run_name=sweep_name).info.run_id
     tracking.log_params(c, parent, {"search.trials": str(cfg.search.trials),
+                                    "evaluation.headline": cfg.evaluation.headline,
                                     "search.objective": ",".join(f"{o.metric}:{o.mode}" for o in cfg.search.objective),
                                     "model.name": cfg.model.name, "model.pretrained": str(prepared.model_pretrained),
                                     "data.finetune.source": cfg.data.finetune.source,
@@ -114,8 +116,9 @@ def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, opts: RunOptio
     state = open_sweep(cfg, prepared, opts)
     if state is None:
         return 2
-    print(f"[study] baseline zero-shot top-1: specialized {state['baseline'][SPECIALIZED_TOP1]:.1%}, "
-          f"general {state['baseline'][GENERAL_TOP1]:.1%}", flush=True)
+    b = state["baseline"]
+    print(f"[study] baseline zero-shot top-1 (validation part): specialized {b[key(VAL, SPECIALIZED_TOP1)]:.1%}, "
+          f"general {b[key(VAL, GENERAL_TOP1)]:.1%}", flush=True)
     fixed, _ = split_space(params)
     context = sweep_context(cfg, fixed, prepared, opts, state)
     # Save Tune's experiment state at every step (it is tiny), so a killed driver loses as little as
@@ -139,11 +142,35 @@ def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, opts: RunOptio
         if spread is None:
             return 130
         spread_lines = format_spreads(spread, state["baseline"])
+    adjusted = annotate_trials(state, rows)
     tracking.client(state["tracking_uri"]).set_terminated(state["parent_run_id"])
-    print(format_summary(rows, state["baseline"], cfg.name, state["tracking_uri"], state["parent_run_id"],
-                         cfg.multi_objective, spread_lines), flush=True)
+    print(format_summary(rows, state["baseline"], cfg, state["tracking_uri"], state["parent_run_id"], spread_lines,
+                         adjusted), flush=True)
     analyse(state["tracking_uri"], cfg.name, state["parent_run_id"], opts.output_dir)
     return 0
+
+
+def annotate_trials(state: dict, rows: list[TrialOutcome]) -> dict[str, float]:
+    """After the sweep: Holm-adjust the finished trials' McNemar p-values against the baseline (specialized,
+    test part) and log them beside the raw ones; tag trials whose test predictions collapsed. Returns the
+    adjusted p-values by trial id."""
+    from mlflow.entities import Metric
+
+    raw = {r.trial_id: r.metrics.get(key(TEST, "specialized_mcnemar_p"), float("nan")) for r in rows
+           if r.status == DONE}  # trials stopped early have no test p-value and are left out (NaN)
+    adjusted = holm(raw)
+    c, now = tracking.client(state["tracking_uri"]), int(time.time() * 1000)
+    for r in rows:
+        run = tracking.find_trial_run(c, state["experiment_id"], state["parent_run_id"], r.trial_id)
+        if run is None or r.status != DONE:
+            continue
+        if r.trial_id in adjusted:
+            c.log_batch(run.info.run_id, metrics=[Metric(key(TEST, "specialized_mcnemar_p_holm"), adjusted[r.trial_id],
+                                                         now, 0)])
+        collapsed = [role for role in ROLES if r.metrics.get(key(TEST, f"{role}_collapsed"), 0) >= 1]
+        if collapsed:
+            c.set_tag(run.info.run_id, COLLAPSED_TAG, ",".join(collapsed))
+    return adjusted
 
 
 def close_stray_runs(state: dict, rows: list[TrialOutcome]) -> None:
@@ -166,7 +193,7 @@ def run_replicates(cfg: StudyConfig, rows: list[TrialOutcome], context: SweepCon
     from mlflow.entities import Metric
 
     objective = cfg.search.objective[0]
-    best = pick_best(rows, objective.metric, objective.mode, cfg.search.replicate_top)
+    best = pick_best(rows, key(VAL, objective.metric), objective.mode, cfg.search.replicate_top)
     configs = replicate_configs(best, cfg.search.replicate_seeds, context.fixed)
     print(f"[study] seed replicates: {len(best)} configuration(s) x {cfg.search.replicate_seeds - 1} more seed(s) "
           f"= {len(configs)} trial(s)", flush=True)

@@ -1,14 +1,20 @@
 """The plain answer printed at the end of a sweep, from Tune's results (the report reads MLflow instead;
-both rank trials with :mod:`study.selection`)."""
+both choose, correct and word with :mod:`study.selection`).
+
+The best trial is chosen on the validation part of the benchmarks; every number
+printed for it is measured on the test part.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
-from ..selection import best_trial, pareto_front
+from ..config import StudyConfig
+from ..selection import best_trial, pareto_front, verdict
 from ..settings import TrialSettings
-from ..vocabulary import DONE, ERROR, GENERAL_TOP1, SPECIALIZED_TOP1, WISEFT_BEST, WISEFT_BEST_ALPHA, wiseft_curve
+from ..vocabulary import (DONE, ERROR, GENERAL_TOP1, SPECIALIZED_TOP1, TEST, VAL, WISEFT_BEST, WISEFT_BEST_ALPHA,
+                          headline, key, wiseft_curve)
 
 
 @dataclass
@@ -24,68 +30,108 @@ class TrialOutcome:
 
 
 def records(rows: list[TrialOutcome]) -> list[tuple[str, dict]]:
-    """The finished trials as ``(trial_id, metrics)`` records for :mod:`study.selection`."""
-    return [(r.trial_id, r.metrics) for r in rows if r.status == DONE]
+    """The trials that ran to their last epoch (so have test numbers) as ``(trial_id, metrics)`` records for
+    :mod:`study.selection`; trials the scheduler stopped early are not candidates."""
+    return [(r.trial_id, r.metrics) for r in rows if r.status == DONE and key(TEST, SPECIALIZED_TOP1) in r.metrics]
 
 
-def format_summary(rows: list[TrialOutcome], baseline: dict, experiment: str, tracking_uri: str,
-                   parent_run_id: str, multi_objective: bool, extra: list[str] = ()) -> str:
-    """The end-of-run answer; ``extra`` lines (e.g. the seed replicates) go before the MLflow pointers."""
+def choose(rows: list[TrialOutcome], cfg: StudyConfig) -> Optional[TrialOutcome]:
+    """The best finished trial by the first objective on the validation part (the one rule)."""
+    first = cfg.search.objective[0]
+    tid = best_trial(records(rows), key(VAL, first.metric), first.mode)
+    return next((r for r in rows if r.trial_id == tid), None)
+
+
+def format_summary(rows: list[TrialOutcome], baseline: dict, cfg: StudyConfig, tracking_uri: str,
+                   parent_run_id: str, extra: list[str] = (), adjusted: dict | None = None) -> str:
+    """The end-of-run answer; ``adjusted``: Holm-adjusted p-values by trial id; ``extra`` lines (e.g. the seed
+    replicates) go before the MLflow pointers."""
     done = [r for r in rows if r.status == DONE]
     failed = [r for r in rows if r.status == ERROR]
+    first = cfg.search.objective[0]
     lines = ["", "=" * 72, "Study summary", "=" * 72,
-             f"trials: {len(done)} finished, {len(failed)} failed, {len(rows) - len(done) - len(failed)} unfinished"]
+             f"trials: {len(done)} finished, {len(failed)} failed, {len(rows) - len(done) - len(failed)} unfinished",
+             f"chosen on validation ({first.metric}, {first.mode}); every number below is on the test part"]
     lines += [f"  failed {r.trial_id}: {r.error}" for r in failed]
-    lines.append(f"baseline zero-shot top-1: specialized {baseline[SPECIALIZED_TOP1]:.1%} (chance "
-                 f"{baseline.get('specialized_chance', 0):.1%}), general {baseline[GENERAL_TOP1]:.1%}")
-    best_id = best_trial(records(rows))
-    if best_id is None:
+    lines += baseline_lines(baseline)
+    best = choose(rows, cfg)
+    if best is None:
         lines.append("no trial finished, so there is no fine-tuned result to compare.")
     else:
-        lines += best_lines(next(r for r in done if r.trial_id == best_id), baseline)
-        if multi_objective:
+        lines += best_lines(best, baseline, cfg.evaluation.headline, (adjusted or {}).get(best.trial_id),
+                            len(adjusted or {}))
+        if cfg.multi_objective:
             lines += front_lines(rows, baseline)
     ui = (f"mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)"
           if tracking_uri.startswith("sqlite:") else f"open {tracking_uri} in a browser")
-    lines += [*extra, f"MLflow experiment {experiment!r}, parent run {parent_run_id}", f"  to browse: {ui}", "=" * 72]
+    lines += [*extra, f"MLflow experiment {cfg.name!r}, parent run {parent_run_id}", f"  to browse: {ui}", "=" * 72]
     return "\n".join(lines)
 
 
-def best_lines(best: TrialOutcome, baseline: dict) -> list[str]:
-    """The best trial's accuracies, intervals, paired tests, knobs and WiSE-FT curve."""
+def baseline_lines(baseline: dict) -> list[str]:
+    """The zero-shot baseline on the test part, with the chance level of each metric."""
+    lines = []
+    for role in ("specialized", "general"):
+        b = {m: baseline.get(key(TEST, f"{role}_{m}"), float("nan"))
+             for m in ("balanced_accuracy", "top1", "chance_balanced_accuracy", "chance_top1")}
+        lines.append(f"baseline zero-shot, {role}: balanced accuracy {b['balanced_accuracy']:.1%} (chance "
+                     f"{b['chance_balanced_accuracy']:.1%}), top-1 {b['top1']:.1%} (chance {b['chance_top1']:.1%}, "
+                     f"the majority class)")
+    return lines
+
+
+def best_lines(best: TrialOutcome, baseline: dict, head: str, p_adjusted: float | None, n_trials: int) -> list[str]:
+    """The chosen trial's test numbers: headline with its paired interval and verdict, top-1 beside it,
+    the collapse flag, the corrected p-value, knobs and the WiSE-FT choice."""
     m = best.metrics
-    d_spec = (m[SPECIALIZED_TOP1] - baseline[SPECIALIZED_TOP1]) * 100
-    d_gen = (m[GENERAL_TOP1] - baseline[GENERAL_TOP1]) * 100
-    lines = [f"best specialized trial {best.trial_id}: specialized {m[SPECIALIZED_TOP1]:.1%} "
-             f"({d_spec:+.1f} points vs baseline), general {m[GENERAL_TOP1]:.1%} ({d_gen:+.1f} points)"]
-    lines += [f"  {bench} top-1 95% CI [{m[f'{bench}_top1_ci_low']:.1%}, {m[f'{bench}_top1_ci_high']:.1%}] "
-              f"(bootstrap over images)" for bench in ("specialized", "general") if f"{bench}_top1_ci_low" in m]
-    lines += [f"  {bench} gain 95% CI [{m[f'{bench}_top1_gain_ci_low'] * 100:+.1f}, "
-              f"{m[f'{bench}_top1_gain_ci_high'] * 100:+.1f}] points (paired bootstrap), "
-              f"McNemar p = {m[f'{bench}_mcnemar_p']:.2g}"
-              for bench in ("specialized", "general") if f"{bench}_top1_gain_ci_low" in m]
+    lines = [f"best trial {best.trial_id} (chosen on validation):"]
+    for role in ("specialized", "general"):
+        lines.append("  " + change_line(m, baseline, role, head))
+    collapsed = [r for r in ("specialized", "general") if m.get(key(TEST, f"{r}_collapsed"), 0) >= 1]
+    for role in collapsed:
+        lines.append(f"  COLLAPSED on {role}: {m[key(TEST, f'{role}_pred_majority_share')]:.0%} of the test images "
+                     f"get one class; no difference on it is called a gain")
+    p = m.get(key(TEST, "specialized_mcnemar_p"))
+    if p is not None:
+        adj = f", Holm-adjusted over {n_trials} trial{'s' if n_trials != 1 else ''} p = {p_adjusted:.2g}" if p_adjusted is not None else ""
+        lines.append(f"  specialized McNemar p = {p:.2g} (top-1 errors, against the baseline on the same images){adj}")
     if best.settings is not None:
         lines.append("  knobs: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(best.settings.model_dump().items())))
     if WISEFT_BEST_ALPHA in m:
         curve = wiseft_curve(m)
-        lines.append(f"  WiSE-FT (trained change x alpha): best alpha {m[WISEFT_BEST_ALPHA]:g} gives specialized "
-                     f"{m[WISEFT_BEST + SPECIALIZED_TOP1]:.1%}, general {m[WISEFT_BEST + GENERAL_TOP1]:.1%}; "
-                     "specialized by alpha: " + ", ".join(f"{a:g}: {s:.1%}" for a, s, _ in curve))
+        lines.append(f"  WiSE-FT (trained change x alpha): alpha {m[WISEFT_BEST_ALPHA]:g} chosen on validation gives "
+                     f"test top-1 specialized {m.get(key(TEST, WISEFT_BEST + SPECIALIZED_TOP1), float('nan')):.1%}, "
+                     f"general {m.get(key(TEST, WISEFT_BEST + GENERAL_TOP1), float('nan')):.1%}; validation "
+                     "specialized top-1 by alpha: " + ", ".join(f"{a:g}: {s:.1%}" for a, s, _ in curve))
     return lines
 
 
+def change_line(m: dict, baseline: dict, role: str, head: str) -> str:
+    """``specialized balanced accuracy 50.0% [..] (+8.3 points, 95% CI [..], gain); top-1 ...`` on test."""
+    metric = headline(role, head)
+    value, base = m[key(TEST, metric)], baseline.get(key(TEST, metric), float("nan"))
+    low, high = (m.get(key(TEST, f"{metric}_gain_ci_{side}"), float("nan")) for side in ("low", "high"))
+    collapsed = m.get(key(TEST, f"{role}_collapsed"), 0) >= 1
+    word = verdict(value - base, low, high, collapsed, "gain" if role == "specialized" else "change")
+    top1 = f"{role}_top1"
+    return (f"{role} {head.replace('_', ' ')} {value:.1%} ({(value - base) * 100:+.1f} points vs baseline, paired 95% "
+            f"CI [{low * 100:+.1f}, {high * 100:+.1f}]: {word}); top-1 {m[key(TEST, top1)]:.1%} "
+            f"({(m[key(TEST, top1)] - baseline.get(key(TEST, top1), float('nan'))) * 100:+.1f} points)")
+
+
 def front_lines(rows: list[TrialOutcome], baseline: dict) -> list[str]:
-    """The Pareto front of specialized vs general top-1, best specialized first."""
+    """The Pareto front of specialized vs general top-1 on validation, best specialized first; test changes."""
     by_id = {r.trial_id: r for r in rows}
-    front = sorted((by_id[t] for t in pareto_front(records(rows))), key=lambda r: -r.metrics[SPECIALIZED_TOP1])
-    lines = [f"Pareto front (specialized vs general top-1): {len(front)} trial(s)"]
+    front = pareto_front(records(rows), key(VAL, SPECIALIZED_TOP1), key(VAL, GENERAL_TOP1))
+    front = sorted((by_id[t] for t in front), key=lambda r: -r.metrics[key(VAL, SPECIALIZED_TOP1)])
+    lines = [f"Pareto front (validation top-1, specialized vs general): {len(front)} trials; test changes:"]
     for r in front:
-        lines.append(f"  {r.trial_id}: specialized {(r.metrics[SPECIALIZED_TOP1] - baseline[SPECIALIZED_TOP1]) * 100:+.1f}"
-                     f" pts, general {(r.metrics[GENERAL_TOP1] - baseline[GENERAL_TOP1]) * 100:+.1f} pts")
+        d = {b: (r.metrics[key(TEST, b)] - baseline[key(TEST, b)]) * 100 for b in (SPECIALIZED_TOP1, GENERAL_TOP1)}
+        lines.append(f"  {r.trial_id}: specialized {d[SPECIALIZED_TOP1]:+.1f} pts, general {d[GENERAL_TOP1]:+.1f} pts")
     return lines
 
 
 def _fmt(v):
     if isinstance(v, list):
         return "+".join(map(str, v))
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..config import Categorical, IntRange, LogUniform, QUniform, StudyConfig, Uniform
 from ..settings import TrialSettings
-from ..vocabulary import DONE, ERROR, SPECIALIZED_TOP1, UNFINISHED
+from ..vocabulary import DONE, ERROR, GENERAL_TOP1, SPECIALIZED_TOP1, TRAIN_METRICS, UNFINISHED, VAL, key
 from .summary import TrialOutcome
 from .trial import REPLICATE_GRID, SweepContext, driver_trainable, failure_reason, trial_settings
 
@@ -51,11 +51,12 @@ def progress_callback():
         finished = 0
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            if SPECIALIZED_TOP1 not in result:
+            if key(VAL, SPECIALIZED_TOP1) not in result:
                 return
-            line = (f"[trial {trial.trial_id}] epoch {result.get('epoch')}: specialized "
-                    f"{result[SPECIALIZED_TOP1]:.1%}, general {result.get('general_top1', float('nan')):.1%}, "
-                    f"loss {result.get('train_loss', float('nan')):.3f}")
+            line = (f"[trial {trial.trial_id}] epoch {result.get('epoch')}: validation top-1 specialized "
+                    f"{result[key(VAL, SPECIALIZED_TOP1)]:.1%}, general "
+                    f"{result.get(key(VAL, GENERAL_TOP1), float('nan')):.1%}, loss "
+                    f"{result.get('train_loss', float('nan')):.3f}")
             if "wiseft_best_alpha" in result:
                 line += f", WiSE-FT best alpha {result['wiseft_best_alpha']:g}"
             print(line, flush=True)
@@ -80,7 +81,7 @@ def searcher(cfg: StudyConfig, name: str):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    metrics = [o.metric for o in cfg.search.objective]
+    metrics = [key(VAL, o.metric) for o in cfg.search.objective]  # the search never sees a test number
     modes = [o.mode for o in cfg.search.objective]
     sampler = (optuna.samplers.NSGAIISampler(seed=cfg.search.seed) if cfg.multi_objective
                else optuna.samplers.TPESampler(seed=cfg.search.seed, n_startup_trials=min(4, cfg.search.trials)))
@@ -153,6 +154,7 @@ def early_stopping(cfg: StudyConfig, params: dict):
     first = cfg.search.objective[0]
     metric = es.metric or first.metric
     mode = es.mode or (first.mode if metric == first.metric else "min" if metric == "train_loss" else "max")
+    metric = metric if metric in TRAIN_METRICS else key(VAL, metric)
     # Rungs lie below the last epoch; a trial writes all its final records before its last report, so
     # ASHA's stop at max_t loses nothing.
     return ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=max_epochs(params),
@@ -200,7 +202,8 @@ def collect(results, fixed: dict) -> list[TrialOutcome]:
     rows = []
     for r in results:
         metrics = dict(r.metrics or {})
-        status = ERROR if r.error else (DONE if SPECIALIZED_TOP1 in metrics else UNFINISHED)
+        # DONE: ran and reported (the scheduler may have stopped it early, then it has no test numbers)
+        status = ERROR if r.error else (DONE if key(VAL, SPECIALIZED_TOP1) in metrics else UNFINISHED)
         try:
             settings, replicate_of = trial_settings(dict(r.config or {}), fixed)
         except ValidationError:

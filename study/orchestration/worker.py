@@ -36,7 +36,7 @@ from ..library.objective import (NonFiniteLossError, alignment_loss, autocast_fo
 from ..library.wiseft import wiseft_curve
 from ..library.zeroshot import evaluate_sets
 from ..settings import TrialSettings
-from ..vocabulary import changes
+from ..vocabulary import VAL, changes
 
 __all__ = ["WorkerJob", "NonFiniteLossError", "train_fn_per_worker"]
 
@@ -145,7 +145,8 @@ def setup(job: WorkerJob) -> Worker:
     return Worker(job, rank, world, device, lm.tokenizer, images, tokens, teacher_img, teacher_txt,
                   model, trainable_state(model), opt, sched, steps_per_epoch, global_batch, autocast, scaler,
                   ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world),
-                  sets=eval_sets(job.data, Path(job.cache_dir), lm.preprocess) if rank == 0 else [])
+                  sets=eval_sets(job.data, Path(job.cache_dir), lm.preprocess,
+                                 validation_share=job.evaluation.validation_share) if rank == 0 else [])
 
 
 def restore(w: Worker, checkpoint) -> None:
@@ -213,21 +214,24 @@ def train_epoch(w: Worker, epoch: int) -> dict:
 
 
 def evaluate(w: Worker, final: bool) -> dict:
-    """Zero-shot metrics on every benchmark (rank 0), their changes against the baseline and ‖ΔW‖; at the
-    last epoch also intervals, per-class recall, the paired test and the WiSE-FT curve. Confusion
-    matrices go straight to the trial's run."""
+    """Zero-shot metrics (rank 0) on the validation part of every benchmark each epoch, their changes against
+    the baseline and ‖ΔW‖; at the last epoch also the test part (scored once), intervals, per-class recall,
+    the paired tests, and the WiSE-FT curve (alpha chosen on validation). Confusion matrices go straight to
+    the trial's run."""
     job, s = w.job, w.job.settings
     t0 = time.time()
     frozen = {"frozen_image": tower_is_frozen(s, "image"), "frozen_text": tower_is_frozen(s, "text")}
+    sets = w.sets if final else [x for x in w.sets if x.split == VAL]  # the test part is scored once, at the end
     values, confusions, _ = evaluate_sets(
-        w.clip, w.tokenizer, w.sets, w.device, detailed=final,
+        w.clip, w.tokenizer, sets, w.device, detailed=final,
         cache=feature_cache(Path(job.cache_dir), job.model_name, job.model_pretrained),
-        baseline_predictions=job.baseline_predictions, seed=s.seed, **frozen)
+        baseline_predictions=job.baseline_predictions, seed=s.seed, collapse_share=job.evaluation.collapse_share,
+        **frozen)
     metrics = {**values, **changes(values, job.baseline), "weight_change_norm": weight_change_norm(w.model, w.initial)}
     if final and job.evaluation.wiseft_alphas:
         metrics.update(wiseft_curve(job.model_name, job.model_pretrained, s, trainable_state(w.model), w.initial,
                                     w.sets, w.device, job.evaluation.wiseft_alphas, job.evaluation.wiseft_select,
-                                    job.baseline))
+                                    job.baseline, job.evaluation.collapse_share))
     metrics["eval_seconds"] = time.time() - t0
     if w.logger:
         for name, (matrix, classnames) in confusions.items():
