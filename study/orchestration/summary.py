@@ -107,16 +107,21 @@ def best_lines(best: TrialOutcome, baseline: dict, head: str, p_adjusted: float 
 
 
 def change_line(m: dict, baseline: dict, role: str, head: str) -> str:
-    """``specialized balanced accuracy 50.0% [..] (+8.3 points, 95% CI [..], gain); top-1 ...`` on test."""
-    metric = headline(role, head)
+    """``specialized balanced accuracy 50.0% (+8.3 points, 95% CI [..]: gain); top-1 ...`` on test; the other
+    metric (top-1, or balanced accuracy when top-1 leads) is printed beside the headline."""
+    metric, other = headline(role, head), headline(role, "balanced_accuracy" if head == "top1" else "top1")
     value, base = m[key(TEST, metric)], baseline.get(key(TEST, metric), float("nan"))
     low, high = (m.get(key(TEST, f"{metric}_gain_ci_{side}"), float("nan")) for side in ("low", "high"))
     collapsed = m.get(key(TEST, f"{role}_collapsed"), 0) >= 1
     word = verdict(value - base, low, high, collapsed, "gain" if role == "specialized" else "change")
-    top1 = f"{role}_top1"
-    return (f"{role} {head.replace('_', ' ')} {value:.1%} ({(value - base) * 100:+.1f} points vs baseline, paired 95% "
-            f"CI [{low * 100:+.1f}, {high * 100:+.1f}]: {word}); top-1 {m[key(TEST, top1)]:.1%} "
-            f"({(m[key(TEST, top1)] - baseline.get(key(TEST, top1), float('nan'))) * 100:+.1f} points)")
+    return (f"{role} {_words(head)} {value:.1%} ({(value - base) * 100:+.1f} points vs baseline, paired 95% "
+            f"CI [{low * 100:+.1f}, {high * 100:+.1f}]: {word}); {_words(other.removeprefix(role + '_'))} "
+            f"{m[key(TEST, other)]:.1%} ({(m[key(TEST, other)] - baseline.get(key(TEST, other), float('nan'))) * 100:+.1f}"
+            f" points)")
+
+
+def _words(metric: str) -> str:
+    return {"top1": "top-1", "balanced_accuracy": "balanced accuracy"}.get(metric, metric)
 
 
 def front_lines(rows: list[TrialOutcome], baseline: dict) -> list[str]:
