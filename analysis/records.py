@@ -86,9 +86,11 @@ def load_study(tracking_uri: str, experiment: str, parent_run_id: str | None = N
 
 
 def test_part(metrics: dict) -> dict:
-    """A run's test-part metrics without the ``test/`` prefix; runs that predate the split keep theirs."""
-    test = {k.removeprefix(f"{TEST}/"): v for k, v in metrics.items() if k.startswith(f"{TEST}/")}
-    return test or dict(metrics)
+    """A run's test-part metrics without the ``test/`` prefix, with the metrics of no part (``steps``,
+    ``weight_change_norm``, ``train_loss``...); runs that predate the split keep all theirs."""
+    out = {k: v for k, v in metrics.items() if not k.startswith((f"{VAL}/", f"{TEST}/"))}
+    out.update({k.removeprefix(f"{TEST}/"): v for k, v in metrics.items() if k.startswith(f"{TEST}/")})
+    return out
 
 
 def last_metrics(run) -> dict:
@@ -109,7 +111,7 @@ def trial_row(run) -> dict:
     row.update({k: test.get(k, math.nan) for k in METRICS})
     row.update({f"val_{k}": last.get(key(VAL, k), last.get(k, math.nan)) for k in OBJECTIVE_METRICS})
     for name, value in test.items():  # intervals, paired tests, collapse, where the evaluator logged them
-        if name.endswith(DETAIL_SUFFIXES):
+        if name.endswith(DETAIL_SUFFIXES) or name.startswith("wiseft_best_"):
             row[name] = value
     row["collapsed"] = run.data.tags.get(COLLAPSED_TAG, "")
     row["wiseft_best_alpha"] = last.get("wiseft_best_alpha", math.nan)

@@ -143,14 +143,15 @@ def best_sentences(rec: StudyRecords, best: pd.Series) -> list[str]:
              f"{float(best['data_fraction']):.3g}, tether weight λ {float(best['tether_weight']):.3g}, the weight of "
              f"the MoCLIP term that pulls embeddings toward the frozen model's). On the test part:",
              change_sentence(rec, best, "specialized"), change_sentence(rec, best, "general")]
-    b_spec, b_gen = rec.baseline.get("specialized_top1", math.nan), rec.baseline.get("general_top1", math.nan)
-    curve = rec.wiseft.get(best["trial_id"])
-    pts = [(a, sp, ge) for a, sp, ge in curve or [] if 0 < a < 1]
-    if pts:  # the trained change scaled by alpha, on validation
-        a, sp, ge = max(pts, key=lambda t: t[1] + t[2])
-        lines.append(f"Scaling that trial's trained change by α (WiSE-FT), the largest sum of validation top-1 "
-                     f"among 0 < α < 1 was at α = {a:g}: specialized {sp:.1%}, general {ge:.1%} (α = 0 is the "
-                     f"baseline exactly, α = 1 the trial above).")
+    alpha = best.get("wiseft_best_alpha", math.nan)
+    if not math.isnan(alpha) and not math.isnan(best.get("wiseft_best_specialized_top1", math.nan)):
+        lines.append(f"Scaling that trial's trained change by α (WiSE-FT; α = 0 is the baseline exactly, α = 1 the "
+                     f"trial above), validation chose α = {alpha:g}; there, test top-1 was specialized "
+                     f"{best['wiseft_best_specialized_top1']:.1%} and general {best['wiseft_best_general_top1']:.1%}.")
+    collapsed = rec.trials[rec.trials.get("specialized_collapsed", pd.Series(0, rec.trials.index)) == 1]
+    if len(collapsed):
+        lines.append(f"{plural(len(collapsed), 'trial')} collapsed, answering one class for nearly every specialized "
+                     f"test image ({', '.join(collapsed['trial_id'])}): no difference of theirs is a gain.")
     return lines
 
 

@@ -94,6 +94,7 @@ def test_report_chooses_on_validation_reports_test_and_runs_are_untouched(tmp_pa
     table = pd.read_csv(out / "trials.csv")
     done = table[table["included"]]
     assert len(done) == 7 and list(table[~table["included"]]["status"]) == ["FAILED"]
+    assert done["weight_change_norm"].notna().all() and done["steps"].notna().all()  # metrics of no part kept
     report = (out / "report.md").read_text()
     chosen = done[done["trial_id"] == "t0000000"].iloc[0]
     assert "was t0000000" in report  # validation's choice, though t0000004 scores higher on test
@@ -121,7 +122,9 @@ def test_wiseft_curves_are_drawn_where_logged(tmp_path):
         for a in (0.0, 0.5, 1.0):
             m[f"val/wiseft/alpha_{a:g}/specialized_top1"] = 0.20 + a * (m["val/specialized_top1"] - 0.20)
             m[f"val/wiseft/alpha_{a:g}/general_top1"] = 0.80 + a * (m["val/general_top1"] - 0.80)
-        m["wiseft_best_alpha"] = 0.5
+        m["wiseft_best_alpha"] = 0.5  # chosen on validation; its test numbers are logged once
+        m["test/wiseft_best_specialized_top1"] = 0.20 + 0.5 * (m["test/specialized_top1"] - 0.20)
+        m["test/wiseft_best_general_top1"] = 0.80 + 0.5 * (m["test/general_top1"] - 0.80)
     uri, c, parent = _study(tmp_path, trials)
     rec = load_study(uri, "s")
     assert len(rec.wiseft) == 4 and [a for a, _, _ in rec.wiseft["t0000000"]] == [0.0, 0.5, 1.0]
@@ -130,8 +133,8 @@ def test_wiseft_curves_are_drawn_where_logged(tmp_path):
     report, _ = run_analysis(uri, "s", parent, tmp_path / "out")
     assert (report.parent / "wiseft_curves.png").stat().st_size > 0
     assert "wiseft_curves.png" in report.read_text()
-    # The chosen trial (specialized 40%, general 60%) at alpha 0.5: 30% and 70% on validation.
-    assert "was at α = 0.5: specialized 30.0%, general 70.0%" in report.read_text()
+    # The chosen trial (specialized 40%, general 60%) at the alpha validation chose, 0.5: 30% and 70% on test.
+    assert "validation chose α = 0.5; there, test top-1 was specialized 30.0% and general 70.0%" in report.read_text()
 
 
 def test_older_runs_without_some_metrics(tmp_path):
@@ -180,6 +183,7 @@ def test_imbalanced_collapsed_trial_claims_no_gain_and_chance_is_the_majority_sh
     assert "was t0000000" in text and "+9.1 points" in best and ": gain" not in best
     assert "no reliable gain (the model collapsed to one class)" in best and "a collapse, not a gain" in best
     assert "balanced accuracy 33.3% vs 41.7%" in best
+    assert "1 trial collapsed, answering one class for nearly every specialized test image (t0000000)" in text
     assert "chance 50.0%, always answering the majority class" in text
     expected = multipletests([0.00042, 0.2, 0.03], method="holm")[1][0]
     assert f"Holm-adjusted over 3 trials p = {expected:.2g}" in best

@@ -54,6 +54,10 @@ def format_summary(rows: list[TrialOutcome], baseline: dict, cfg: StudyConfig, t
              f"chosen on validation ({first.metric}, {first.mode}); every number below is on the test part"]
     lines += [f"  failed {r.trial_id}: {r.error}" for r in failed]
     lines += baseline_lines(baseline)
+    collapsed = [r.trial_id for r in done if r.metrics.get(key(TEST, "specialized_collapsed"), 0) >= 1]
+    if collapsed:
+        lines.append(f"COLLAPSED ({len(collapsed)} of {len(done)}): one class for >= {cfg.evaluation.collapse_share:.0%} "
+                     f"of the specialized test images: {', '.join(collapsed)}")
     best = choose(rows, cfg)
     if best is None:
         lines.append("no trial finished, so there is no fine-tuned result to compare.")
