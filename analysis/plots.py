@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from study.vocabulary import metric_words  # noqa: E402
+
 from .records import StudyRecords, pareto_mask, searched_knobs  # noqa: E402
 
 DPI = 130
@@ -29,7 +31,7 @@ def tradeoff_map(rec: StudyRecords, out: Path) -> Path:
     the origin; a key for the marker size (LoRA rank)."""
     from .records import best_row
 
-    df, head = rec.trials, rec.headline.replace("_", " ").replace("top1", "top-1")
+    df, head = rec.trials, metric_words(rec.headline)
     fig, ax = plt.subplots(figsize=(7.5, 6.3))
     ax.axhline(0, color="0.6", lw=0.8)
     ax.axvline(0, color="0.6", lw=0.8)

@@ -147,10 +147,9 @@ def searched_knobs(df: pd.DataFrame) -> list[str]:
     return [k for k in NUMERIC_KNOBS if k in df and pd.to_numeric(df[k], errors="coerce").nunique() > 1]
 
 
-def _records(df: pd.DataFrame, part: str = "val_") -> list[tuple[str, dict]]:
-    """Rows as ``(trial_id, metrics)`` records for :mod:`study.selection`; ``part`` ``"val_"``: validation
-    columns under their metric names, ``""``: test columns."""
-    return [(row["trial_id"], {k: row.get(f"{part}{k}", math.nan) for k in OBJECTIVE_METRICS}) for _, row in df.iterrows()]
+def _records(df: pd.DataFrame) -> list[tuple[str, dict]]:
+    """Rows as ``(trial_id, validation metrics)`` records for :mod:`study.selection`."""
+    return [(row["trial_id"], {k: row.get(f"val_{k}", math.nan) for k in OBJECTIVE_METRICS}) for _, row in df.iterrows()]
 
 
 def best_row(rec_or_df, metric: str = SPECIALIZED_TOP1, mode: str = "max") -> pd.Series:
@@ -160,10 +159,7 @@ def best_row(rec_or_df, metric: str = SPECIALIZED_TOP1, mode: str = "max") -> pd
         df, (metric, mode) = rec_or_df.trials, rec_or_df.objective
     else:
         df = rec_or_df
-    records = _records(df)
-    if all(math.isnan(m.get(metric, math.nan)) for _, m in records):  # sweeps that predate the split
-        records = _records(df, "")
-    tid = best_trial(records, metric, mode)
+    tid = best_trial(_records(df), metric, mode)  # val_ columns fall back to plain names for older sweeps
     return df.loc[df["trial_id"] == tid].iloc[0]
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from study.selection import verdict
+from study.vocabulary import metric_words
 
 from . import plots
 from .records import StudyRecords, best_row, load_study, pareto_mask, searched_knobs
@@ -93,10 +94,6 @@ def finding(rec: StudyRecords, imps: dict) -> list[str]:
     if n < MIN_TRIALS_FOR_TRENDS:
         lines.append(f"With only {plural(n, 'trial')}, treat every trend here as anecdotal.")
     return lines
-
-
-def metric_words(head: str) -> str:
-    return {"balanced_accuracy": "balanced accuracy", "top1": "top-1"}.get(head, head)
 
 
 def baseline_sentence(rec: StudyRecords) -> str:

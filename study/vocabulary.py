@@ -57,6 +57,11 @@ def headline(role: str, name: str) -> str:
     return f"{role}_{name}"
 
 
+def metric_words(name: str) -> str:
+    """How a metric is written in prose: ``top1`` -> ``top-1``, ``balanced_accuracy`` -> ``balanced accuracy``."""
+    return {"top1": "top-1", "balanced_accuracy": "balanced accuracy"}.get(name, name.replace("_", " "))
+
+
 def change_name(metric: str) -> str:
     """``specialized_top1`` -> ``specialized_top1_gain``; ``general_top1`` -> ``general_top1_change``."""
     return metric + ("_gain" if metric.startswith("specialized") else "_change")

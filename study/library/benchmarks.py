@@ -264,8 +264,7 @@ def validation_and_test(spec: BenchmarkSpec, role: str, primary: bool, cache_dir
         val = decode(spec.model_copy(update={"split": spec.validation_split}), role, primary, cache_dir, preprocess,
                      seed, scale, tensor_cache)
         test = decode(spec, role, primary, cache_dir, preprocess, seed, scale, tensor_cache)
-        val.split, test.split = "val", "test"
-        val.fingerprint += "-val"
+        val.split, test.split = "val", "test"  # their fingerprints differ already: the split is in the spec
         return [val, test]
     whole = decode(spec, role, primary, cache_dir, preprocess, seed, scale, tensor_cache)
     labels = whole.labels if whole.labels is not None else torch.zeros(len(whole.images), dtype=torch.long)

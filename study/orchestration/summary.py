@@ -14,7 +14,7 @@ from ..config import StudyConfig
 from ..selection import best_trial, pareto_front, verdict
 from ..settings import TrialSettings
 from ..vocabulary import (DONE, ERROR, GENERAL_TOP1, SPECIALIZED_TOP1, TEST, VAL, WISEFT_BEST, WISEFT_BEST_ALPHA,
-                          headline, key, wiseft_curve)
+                          headline, key, metric_words, wiseft_curve)
 
 
 @dataclass
@@ -118,14 +118,10 @@ def change_line(m: dict, baseline: dict, role: str, head: str) -> str:
     low, high = (m.get(key(TEST, f"{metric}_gain_ci_{side}"), float("nan")) for side in ("low", "high"))
     collapsed = m.get(key(TEST, f"{role}_collapsed"), 0) >= 1
     word = verdict(value - base, low, high, collapsed, "gain" if role == "specialized" else "change")
-    return (f"{role} {_words(head)} {value:.1%} ({(value - base) * 100:+.1f} points vs baseline, paired 95% "
-            f"CI [{low * 100:+.1f}, {high * 100:+.1f}]: {word}); {_words(other.removeprefix(role + '_'))} "
+    return (f"{role} {metric_words(head)} {value:.1%} ({(value - base) * 100:+.1f} points vs baseline, paired 95% "
+            f"CI [{low * 100:+.1f}, {high * 100:+.1f}]: {word}); {metric_words(other.removeprefix(role + '_'))} "
             f"{m[key(TEST, other)]:.1%} ({(m[key(TEST, other)] - baseline.get(key(TEST, other), float('nan'))) * 100:+.1f}"
             f" points)")
-
-
-def _words(metric: str) -> str:
-    return {"top1": "top-1", "balanced_accuracy": "balanced accuracy"}.get(metric, metric)
 
 
 def front_lines(rows: list[TrialOutcome], baseline: dict) -> list[str]:
