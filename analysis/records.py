@@ -14,7 +14,7 @@ import pandas as pd
 from study.selection import best_trial, holm, pareto_front
 from study.vocabulary import (BASELINE, COLLAPSED_TAG, FAILURE_TAG, FINAL_PREFIX, FINISHED, GENERAL_TOP1, KIND_TAG,
                               KNOBS, NUMERIC_KNOBS, OBJECTIVE_METRICS, PARENT_TAG, SPECIALIZED_TOP1, STATUS_TAG, SWEEP,
-                              TEST, TRAIN_METRICS, TRIAL, TRIAL_TAG, VAL, headline, key, wiseft_curve)
+                              TEST, TRAIN_METRICS, TRANSFER_NOTE_TAG, TRIAL, TRIAL_TAG, VAL, headline, key, wiseft_curve)
 
 # Test-part metrics, in columns without the "test/" prefix (the report speaks of test numbers only).
 METRICS = [SPECIALIZED_TOP1, "specialized_balanced_accuracy", GENERAL_TOP1, "general_balanced_accuracy",
@@ -34,6 +34,7 @@ class StudyRecords:
     headline: str = "top1"        # evaluation.headline of the sweep ("top1" for sweeps that predate it)
     objective: tuple[str, str] = (SPECIALIZED_TOP1, "max")  # the first search objective: chooses the best trial
     adjusted: dict = field(default_factory=dict)  # trial_id -> Holm-adjusted specialized McNemar p
+    transfer: str = ""            # why the sweep is in-distribution transfer (its parent's note), or ""
 
 
 def _num(v):
@@ -82,7 +83,7 @@ def load_study(tracking_uri: str, experiment: str, parent_run_id: str | None = N
     finished = df[done].reset_index(drop=True)
     adjusted = holm(dict(zip(finished["trial_id"], finished.get("specialized_mcnemar_p", pd.Series(dtype=float)))))
     return StudyRecords(experiment, pid, parent.info.status, baseline, finished, df[~done].reset_index(drop=True),
-                        wiseft, head, (metric, mode or "max"), adjusted)
+                        wiseft, head, (metric, mode or "max"), adjusted, parent.data.tags.get(TRANSFER_NOTE_TAG, ""))
 
 
 def test_part(metrics: dict) -> dict:

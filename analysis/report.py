@@ -78,6 +78,9 @@ def finding(rec: StudyRecords, imps: dict) -> list[str]:
     lines = [f"This rests on {plural(n, 'finished trial')} with {plural(seeds, 'seed')} each"
              + (f"; {len(ex)} more were failed, orphaned or unfinished and are left out "
                 f"({', '.join(f'{s}: {c}' for s, c in ex['status'].value_counts().items())})." if len(ex) else ".")]
+    if rec.transfer:
+        lines.append(f"This is {rec.transfer[0].lower()}{rec.transfer[1:]}, so the gains below measure transfer to "
+                     f"seen class names, not zero-shot accuracy.")
     if rec.parent_status == "RUNNING":
         lines.append("The sweep was still running (or was interrupted) when this was written; numbers may change.")
     if n == 0:

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from .library.benchmarks import BenchmarkSpec, SpecError, resolve
+from .library.rows import Holdout
 from .settings import TrialSettings
 from .vocabulary import HEADLINES, KNOBS, OBJECTIVE_METRICS, ROLES, TRAIN_METRICS, headline
 
@@ -94,12 +95,30 @@ class ModelSection(_Strict):
 
 
 class FinetuneData(_Strict):
+    """The fine-tuning pairs: image-caption pairs, or labelled images captioned from their class names."""
+
     source: str = "offline:micrographs"
-    split: str = "train"
+    split: str = "train"  # a split name, or a slice as datasets writes it: "train[:80%]"
     image_column: str = "image"
-    caption_column: str = "caption"
+    caption_column: str = "caption"  # empty or missing captions are skipped and counted
+    # Label-only data (an image folder of classes, PCam, MedMNIST): captions built from the labels, each a
+    # template filled with the class name (FLYP-style). Class names as in a benchmark spec: a list, a
+    # {label: name} map, or (when null) the column's ClassLabel names or its string labels.
+    label_column: Optional[str] = None
+    classnames: Optional[Union[list[str], dict[int, str]]] = None
+    templates: list[str] = Field(["a photo of a {c}."], min_length=1)
+    # {share, take: rest}: the part of `split` a benchmark with {share, take: held_out} does not use
+    holdout: Optional[Holdout] = None
     csv_separator: str = ","
     max_undecodable_share: float = Field(0.01, ge=0, le=1)  # skip and count broken images up to this share
+
+    @field_validator("templates")
+    @classmethod
+    def _slot(cls, v):
+        for t in v:
+            if "{c}" not in t:
+                raise ValueError(f"template {t!r} has no '{{c}}' slot for the class name")
+        return v
 
 
 # A shipped spec name, a spec file path, or an inline spec; load_study_config resolves each to a BenchmarkSpec.
@@ -116,8 +135,13 @@ class DataSection(_Strict):
     finetune: FinetuneData = FinetuneData()
     specialized: list[BenchmarkRef] = Field(["micrographs"], min_length=1)
     general: list[BenchmarkRef] = Field(["shapes"], min_length=1)
-    seed: int = Field(0, ge=0)  # seeds the offline domains and the fraction subsets
+    seed: int = Field(0, ge=0)  # seeds the offline domains, the fraction subsets, holdouts and max_images samples
     offline_scale: float = Field(1.0, gt=0, le=1)  # shrink generated domains (smoke runs)
+    # Benchmark images also in the fine-tuning set (same pixels, or the same perceptual hash) that a study
+    # tolerates; above it the study stops before Ray starts.
+    max_overlap: int = Field(0, ge=0)
+    # Decoded image stores under <cache>/stores are pruned to this size, least recently used first.
+    cache_max_gb: float = Field(50, gt=0)
 
     @field_validator("specialized", "general", mode="before")
     @classmethod

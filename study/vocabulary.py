@@ -107,6 +107,9 @@ TRIAL_TAG = "study.trial_id"
 STATUS_TAG = "study.status"
 FAILURE_TAG = "study.failure_reason"
 SWEEP_TAG = "study.sweep"
+TRANSFER_TAG = "study.transfer"      # "zero-shot", or "in-distribution" (fine-tuning captions name the classes)
+TRANSFER_NOTE_TAG = "study.transfer_note"  # why a study is in-distribution transfer, in one sentence
+OVERLAP_METRIC = "data_overlap"      # data_overlap/<role>/<benchmark>: its images also in the fine-tuning set
 COLLAPSED_TAG = "study.collapsed"    # benchmarks on which a trial's test predictions collapsed to one class
 REPLICATE_OF_TAG = "study.replicate_of"
 

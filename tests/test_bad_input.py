@@ -110,7 +110,7 @@ def test_undecodable_finetune_images_above_the_share(guarded, smoke_cache, tmp_p
     path = _csv(tmp_path, "filepath,caption", corrupt=True)  # 1 of 4 broken: 25% > the default 1%
     code, err = guarded("--cache-dir", str(smoke_cache), "--set", f"data.finetune.source={path}")
     assert code == 2
-    assert "data.finetune: 1 of 4 images cannot be decoded (max_undecodable_share 0.01); first: image 2" in one_line(err)
+    assert "data.finetune.image_column: 1 of 4 images cannot be decoded (max_undecodable_share 0.01); first: row 2" in one_line(err)
 
 
 def _bench_spec(tmp_path: Path, extra: str = "", corrupt: bool = False) -> Path:
@@ -131,7 +131,7 @@ def test_benchmark_spec_with_a_missing_column(guarded, smoke_cache, tmp_path):
 def test_benchmark_spec_with_undecodable_images(guarded, smoke_cache, tmp_path):
     spec = _bench_spec(tmp_path, corrupt=True)
     code, err = guarded("--cache-dir", str(smoke_cache), "--set", f"data.specialized=[{spec}]")
-    assert code == 2 and f"{spec}: 1 of 4 images cannot be decoded" in one_line(err)
+    assert code == 2 and f"{spec}: image_column: 1 of 4 images cannot be decoded" in one_line(err)
 
 
 def test_benchmark_spec_template_without_slot(guarded, smoke_cache, tmp_path):

@@ -137,7 +137,7 @@ def test_template_without_slot_names_spec_file_and_field(tmp_path):
 def test_classnames_that_do_not_cover_labels(tmp_path):
     data = _folder(tmp_path, labels=[0, 1, 2, 1])
     spec = load_spec(str(_write_spec(tmp_path, BASE.format(src=data))))
-    with pytest.raises(SpecError, match=r"bench\.yaml: classnames: 2 class names do not cover labels \[2\]"):
+    with pytest.raises(SpecError, match=r"bench\.yaml: classnames: labels \['2'\] have no class name"):
         check(spec, tmp_path)
 
 
@@ -174,7 +174,7 @@ def test_undecodable_images_are_skipped_and_counted_up_to_the_threshold(tmp_path
     assert s.labels.tolist() == [i % 2 for i in range(1, 10)]  # labels stay aligned with kept images
     assert "skipped 1 of 10 images" in capsys.readouterr().out
     strict = spec.model_copy(update={"max_undecodable_share": 0.05})
-    with pytest.raises(SpecError, match=r"bench\.yaml: 1 of 10 images cannot be decoded .*first: image 0"):
+    with pytest.raises(SpecError, match=r"bench\.yaml: image_column: 1 of 10 images cannot be decoded .*first: row 0"):
         decode(strict, "specialized", True, tmp_path, preprocess)
 
 
@@ -247,7 +247,7 @@ def test_a_study_scores_each_benchmark_on_disjoint_validation_and_test_parts(tmp
         ("micrographs-captions", "test"), ("shapes", "val"), ("shapes", "test")]
     val, test = sets[0], sets[1]
     assert val.key == "val/specialized_" and test.key == "test/specialized_" and test.label == "test_specialized"
-    whole = {tuple(x.flatten()[:64].tolist()) for x in torch.cat([val.images, test.images])}
+    whole = {tuple(x.flatten()[:64].tolist()) for x in torch.cat([val.images.tensor(), test.images.tensor()])}
     assert len(whole) == len(val.images) + len(test.images)  # no image in both parts
     cap_val, cap_test = sets[2], sets[3]
     for part in (cap_val, cap_test):  # retrieval splits by image; each caption follows its image

@@ -39,7 +39,7 @@ def clip_benchmark_zsc(monkeypatch):
 
 
 def _loader(s, batch_size=64):
-    ds = TensorDataset(s.images, s.labels)
+    ds = TensorDataset(s.images.tensor(), s.labels)
     ds.classes = s.classnames  # clip-benchmark reads the class count from here
     return DataLoader(ds, batch_size=batch_size, shuffle=False)
 

@@ -22,9 +22,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..vocabulary import ROLES
-from .cache import MAX_CACHED_BYTES, fingerprint, save_atomic, source_stamp, tensor_cache
-from .images import images_to_tensor
-from .sources import DataError, EmptySplitError, load_source
+from .cache import fingerprint, save_atomic, source_stamp, store_cache, touch
+from .rows import Holdout, apply_holdout, class_index, sample_rows, stratified_split
+from .sources import DataError, EmptySplitError, load_source, local_base
+from .store import ImageStore, build_store
 
 SPECS_DIR = Path(__file__).resolve().parent.parent / "benchmark_specs"
 Task = Literal["classification", "retrieval"]
@@ -46,17 +47,21 @@ class BenchmarkSpec(BaseModel):
     config: Optional[str] = Field(None, description="Hugging Face dataset config name")
     revision: Optional[str] = Field(None, description="Hugging Face revision (branch, tag or commit)")
     data_files: Optional[Union[str, list[str], dict[str, Union[str, list[str]]]]] = None
-    split: str = "test"
+    split: str = Field("test", description="split name, or a slice as datasets writes it: 'train[80%:]'")
+    holdout: Optional[Holdout] = Field(None, description="{share, take: held_out}: the held-out part of `split` "
+                                       "(the fine-tuning set takes the rest with the same share)")
     validation_split: Optional[str] = Field(None, description="the dataset's own validation split; when unset, "
                                             "`split` is divided into validation and test parts (seeded, stratified)")
     image_column: str = "image"
     label_column: str = "label"  # classification
     caption_column: str = "caption"  # retrieval: a string or a list of strings per image
     classnames: Optional[Union[list[str], dict[int, str]]] = Field(
-        None, description="list, or {label: name}; default: the label column's ClassLabel names")
+        None, description="list, or {label: name} (gaps and a start at 1 allowed); default: the label column's "
+                          "ClassLabel names, or its distinct string labels")
     templates: Union[list[str], dict[str, list[str]]] = Field(
         ["a photo of a {c}."], description="templates with {c}, or {class name: [prompts]} (CuPL)")
-    max_images: Optional[int] = Field(None, ge=1, description="evaluate on the first N images only")
+    max_images: Optional[int] = Field(None, ge=1, description="evaluate on about N images, a seeded sample "
+                                      "stratified by label")
     max_undecodable_share: float = Field(0.01, ge=0, le=1, description="skip and count images that cannot be "
                                          "decoded; stop when more than this share fail")
     origin: str = Field("", description="set by the loader: the spec file (or study file and field)")
@@ -85,9 +90,9 @@ class BenchmarkSpec(BaseModel):
         return self
 
     def class_list(self) -> list[str]:
-        """Class names in label order (a mapping's missing labels are empty)."""
+        """Class names in label order (a mapping's labels sorted)."""
         if isinstance(self.classnames, dict):
-            return [self.classnames.get(i, "") for i in range(max(self.classnames) + 1)]
+            return [self.classnames[k] for k in sorted(self.classnames)]
         return list(self.classnames or [])
 
     def where(self, field_name: str) -> str:
@@ -161,37 +166,37 @@ def load_split(spec: BenchmarkSpec, cache_dir: Path, seed: int = 0, scale: float
         if col not in ds.column_names:
             raise SpecError(f"{spec.where(fld)}: column {col!r} not in split {spec.split!r} "
                             f"(columns: {ds.column_names})")
-    if spec.max_images and len(ds) > spec.max_images:
-        ds = ds.select(range(spec.max_images))
-    return ds
+    ds = apply_holdout(ds, spec.holdout, seed)
+    return sample_rows(ds, spec.max_images, seed, spec.label_column if spec.task == "classification" else None)
 
 
-def classnames_for(spec: BenchmarkSpec, ds) -> list[str]:
-    """Class names in label order; every label in ``ds`` must have one."""
-    if spec.classnames is None:
-        names = getattr(ds.features[spec.label_column], "names", None)
-        if not names:
-            raise SpecError(f"{spec.where('classnames')}: label column {spec.label_column!r} has no class "
-                            f"names; list them in the spec")
-        names = list(names)
-    else:
-        names = spec.class_list()
-    labels = {int(y) for y in ds[spec.label_column]}
-    bad = sorted(y for y in labels if not 0 <= y < len(names) or not names[y])
-    if bad:
-        raise SpecError(f"{spec.where('classnames')}: {len(names)} class names do not cover labels {bad[:5]}")
+def classes_of(spec: BenchmarkSpec, ds) -> tuple[list[str], torch.Tensor]:
+    """``(class names, labels [N])`` of a classification split: labels as ``0..C-1``, string labels and
+    class maps with gaps handled (:func:`~study.library.rows.class_index`). Raises :class:`SpecError` when a
+    label has no name, or fewer than 2 classes are present."""
+    feature = ds.features[spec.label_column]
+    try:
+        names, labels = class_index(ds[spec.label_column], spec.classnames, getattr(feature, "names", None),
+                                    spec.where("label_column"), spec.where("classnames"))
+    except DataError as exc:
+        raise SpecError(str(exc)) from None
+    present = len(set(labels.tolist()))
+    if present < 2:
+        at = "max_images" if spec.max_images else "split"
+        raise SpecError(f"{spec.where(at)}: only {present} class present in {len(labels)} images; zero-shot "
+                        f"classification needs at least 2")
     if isinstance(spec.templates, dict):
         missing = [c for c in names if c not in spec.templates]
         if missing:
             raise SpecError(f"{spec.where('templates')}: per-class prompts missing for {missing[:3]}")
-    return names
+    return names, torch.from_numpy(labels)
 
 
 def check(spec: BenchmarkSpec, cache_dir: Path, seed: int = 0, scale: float = 1.0) -> int:
     """Validate everything but the pixels (cheap); returns the number of images."""
     ds = load_split(spec, cache_dir, seed, scale)
     if spec.task == "classification":
-        classnames_for(spec, ds)
+        classes_of(spec, ds)
     return len(ds)
 
 
@@ -202,7 +207,7 @@ class EvalSet:
     spec: BenchmarkSpec
     role: str  # "specialized" | "general"
     primary: bool  # the role's headline benchmark: its metrics are "<split>/<role>_<metric>"
-    images: torch.Tensor  # [N, 3, H, W]
+    images: ImageStore  # [N, 3, H, W] on disk, read in batches
     labels: Optional[torch.Tensor] = None  # [N] (classification)
     classnames: list[str] = field(default_factory=list)
     prompts: list[list[str]] = field(default_factory=list)  # per class (classification)
@@ -229,24 +234,9 @@ class EvalSet:
         return f"{self.split}_{name}" if self.split else name
 
 
-def stratified_split(labels: torch.Tensor, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices ``(validation, test)`` of a seeded split of ``labels`` ``[N]``, stratified: each class puts
-    ``round(share * n_class)`` of its items (at least 1 when it has 2 or more) into validation. Disjoint,
-    covering, and the same for the same labels and seed."""
-    gen = torch.Generator().manual_seed(seed)
-    val, test = [], []
-    for c in torch.unique(labels).tolist():
-        idx = torch.nonzero(labels == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        k = min(len(idx) - 1, max(1, round(share * len(idx)))) if len(idx) > 1 else 0
-        val.append(idx[:k])
-        test.append(idx[k:])
-    return torch.sort(torch.cat(val)).values, torch.sort(torch.cat(test)).values
-
-
 def part(s: EvalSet, idx: torch.Tensor, split: str) -> EvalSet:
     """The images ``idx`` of ``s`` as its ``split`` part (retrieval: with their captions)."""
-    out = EvalSet(s.spec, s.role, s.primary, s.images[idx], None if s.labels is None else s.labels[idx],
+    out = EvalSet(s.spec, s.role, s.primary, s.images.subset(idx), None if s.labels is None else s.labels[idx],
                   s.classnames, s.prompts, skipped=s.skipped, fingerprint=f"{s.fingerprint}-{split}", split=split)
     if s.caption_image is not None:
         new_id = {int(old): new for new, old in enumerate(idx.tolist())}
@@ -257,16 +247,17 @@ def part(s: EvalSet, idx: torch.Tensor, split: str) -> EvalSet:
 
 
 def validation_and_test(spec: BenchmarkSpec, role: str, primary: bool, cache_dir: Path, preprocess, seed: int = 0,
-                        scale: float = 1.0, share: float = 0.5, tensor_cache: Optional[Path] = None) -> list[EvalSet]:
+                        scale: float = 1.0, share: float = 0.5) -> list[EvalSet]:
     """``[validation part, test part]`` of one benchmark: the spec's own ``validation_split`` when it names
-    one, else its ``split`` divided by :func:`stratified_split` (retrieval: by image) with ``share``."""
+    one, else its ``split`` divided by :func:`~study.library.rows.stratified_split` (retrieval: by image)
+    with ``share``."""
     if spec.validation_split:
         val = decode(spec.model_copy(update={"split": spec.validation_split}), role, primary, cache_dir, preprocess,
-                     seed, scale, tensor_cache)
-        test = decode(spec, role, primary, cache_dir, preprocess, seed, scale, tensor_cache)
+                     seed, scale)
+        test = decode(spec, role, primary, cache_dir, preprocess, seed, scale)
         val.split, test.split = "val", "test"  # their fingerprints differ already: the split is in the spec
         return [val, test]
-    whole = decode(spec, role, primary, cache_dir, preprocess, seed, scale, tensor_cache)
+    whole = decode(spec, role, primary, cache_dir, preprocess, seed, scale)
     labels = whole.labels if whole.labels is not None else torch.zeros(len(whole.images), dtype=torch.long)
     val_idx, test_idx = stratified_split(labels, share, seed)
     return [part(whole, val_idx, "val"), part(whole, test_idx, "test")]
@@ -278,64 +269,64 @@ def class_prompts(spec: BenchmarkSpec, classnames: list[str]) -> list[list[str]]
     return [[t.format(c=c) for t in spec.templates] for c in classnames]
 
 
+def store_key(spec: BenchmarkSpec, preprocess, seed: int, scale: float) -> str:
+    """Names a benchmark's decoded store: the spec, the preprocessing, the data seed and the content stamp of
+    every local file it reads (a dataset edited in place is decoded again)."""
+    return fingerprint(spec.model_dump_json(exclude={"origin", "description"}), repr(preprocess), seed, scale,
+                       source_stamp(spec.source, spec.data_files))
+
+
 def decode(spec: BenchmarkSpec, role: str, primary: bool, cache_dir: Path, preprocess, seed: int = 0,
-           scale: float = 1.0, tensor_cache: Optional[Path] = None) -> EvalSet:
-    """Load, check and decode ``spec`` for ``preprocess``.
-
-    With ``tensor_cache`` (a folder), the decoded tensors are saved there once, keyed by the spec and the
-    preprocessing, and later calls (other trials, other epochs' workers) load them instead of decoding.
-    """
-    key = fingerprint(spec.model_dump_json(exclude={"origin", "description"}), repr(preprocess), seed, scale,
-                      source_stamp(spec.source))  # a local dataset edited in place is read again
-    cached = tensor_cache / f"{spec.name}-{key}.pt" if tensor_cache else None
-    if cached and cached.exists():
-        state = torch.load(cached, weights_only=True)
-        return EvalSet(spec, role, primary, state["images"], state.get("labels"), state["classnames"],
-                       state["prompts"], state["captions"], state.get("caption_image"), state["skipped"], key)
-    out = _decode_fresh(spec, role, primary, cache_dir, preprocess, seed, scale)
-    out.fingerprint = key
-    if cached and out.images.numel() * out.images.element_size() <= MAX_CACHED_BYTES:
-        save_atomic({"images": out.images, "labels": out.labels, "classnames": out.classnames,
-                     "prompts": out.prompts, "captions": out.captions, "caption_image": out.caption_image,
-                     "skipped": out.skipped}, cached)
-    return out
+           scale: float = 1.0) -> EvalSet:
+    """Load, check and decode ``spec`` for ``preprocess`` into an on-disk store under ``<cache>/stores``,
+    built once (keyed by :func:`store_key`) and reused by later calls: other trials, other workers."""
+    key = store_key(spec, preprocess, seed, scale)
+    path = store_cache(cache_dir) / f"{spec.name}-{key}"
+    meta = path.with_name(path.name + ".eval.pt")
+    if not meta.exists():
+        save_atomic(_decode_fresh(spec, cache_dir, preprocess, seed, scale, path), meta)
+    state = torch.load(touch(meta), weights_only=True)
+    return EvalSet(spec, role, primary, ImageStore(touch(path), preprocess), state["labels"], state["classnames"],
+                   state["prompts"], state["captions"], state["caption_image"], state["skipped"], key)
 
 
-def _decode_fresh(spec: BenchmarkSpec, role: str, primary: bool, cache_dir: Path, preprocess, seed: int,
-                  scale: float) -> EvalSet:
+def _decode_fresh(spec: BenchmarkSpec, cache_dir: Path, preprocess, seed: int, scale: float, path: Path) -> dict:
+    """Build the store at ``path``; returns what the store does not hold (labels, prompts, captions)."""
     ds = load_split(spec, cache_dir, seed, scale)
     try:
-        images, kept = images_to_tensor(ds, spec.image_column, preprocess, where=spec.origin or spec.name,
-                                        max_bad_share=spec.max_undecodable_share)
+        store, skipped = build_store(ds, spec.image_column, preprocess, path, where=spec.where("image_column"),
+                                     title=f"benchmark {spec.name!r} split {spec.split!r}",
+                                     max_bad_share=spec.max_undecodable_share, base_dir=local_base(spec.source))
     except DataError as exc:
         raise SpecError(str(exc)) from None
-    skipped = len(ds) - len(kept)
-    if skipped:
-        print(f"[data] {spec.name}: skipped {skipped} of {len(ds)} images that cannot be decoded "
-              f"(max_undecodable_share {spec.max_undecodable_share})", flush=True)
-    ds = ds.select(kept)
-    out = EvalSet(spec, role, primary, images, skipped=skipped)
+    ds = ds.select(store.rows.tolist())
+    out = {"labels": None, "classnames": [], "prompts": [], "captions": [], "caption_image": None, "skipped": skipped}
     if spec.task == "classification":
-        out.classnames = classnames_for(spec, ds)
-        out.labels = torch.tensor([int(y) for y in ds[spec.label_column]])
-        out.prompts = class_prompts(spec, out.classnames)
-    else:
-        owner = []
-        for i, caps in enumerate(ds[spec.caption_column]):
-            caps = [caps] if isinstance(caps, str) else list(caps)
-            out.captions += [str(c) for c in caps]
-            owner += [i] * len(caps)
-        out.caption_image = torch.tensor(owner)
+        out["classnames"], out["labels"] = classes_of(spec, ds)
+        out["prompts"] = class_prompts(spec, out["classnames"])
+        return out
+    owner, empty = [], 0
+    for i, caps in enumerate(ds[spec.caption_column]):
+        caps = [caps] if isinstance(caps, str) or caps is None else list(caps)
+        good = [str(c) for c in caps if c is not None and str(c).strip()]
+        empty += len(caps) - len(good)
+        out["captions"] += good
+        owner += [i] * len(good)
+    if empty:
+        print(f"[data] {spec.name}: skipped {empty} empty or missing captions", flush=True)
+    if not owner:
+        raise SpecError(f"{spec.where('caption_column')}: no captions in column {spec.caption_column!r}")
+    out["caption_image"] = torch.tensor(owner)
     return out
 
 
 def eval_sets(data, cache_dir: Path, preprocess, roles=ROLES, validation_share: float = 0.5) -> list[EvalSet]:
     """Every benchmark of ``roles`` in a study's data section (:class:`~study.config.DataSection`, specs
     resolved), decoded for ``preprocess`` and split into validation and test parts (seeded by the data
-    seed); tensors cached under ``<cache>/eval``. Order: per benchmark, validation then test."""
+    seed); stores under ``<cache>/stores``. Order: per benchmark, validation then test."""
     return [s for role in roles for i, spec in enumerate(data.specs(role))
             for s in validation_and_test(spec, role, i == 0, cache_dir, preprocess, data.seed, data.offline_scale,
-                                         validation_share, tensor_cache(cache_dir))]
+                                         validation_share)]
 
 
 def check_benchmarks(data, cache_dir: Path) -> dict[str, int]:

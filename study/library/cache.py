@@ -1,9 +1,10 @@
 """The study's caches on disk: decoded tensors and frozen-tower embeddings, keyed so they never go stale.
 
 A key names everything its value depends on: the spec or settings, the
-preprocessing, and for local files their modification time; model weights are
-named by :func:`model_id`. Files are written atomically, so concurrent trials
-never read half a file.
+preprocessing, and for local data the size and modification time of every file
+(:func:`source_stamp`); model weights are named by :func:`model_id`. Files are
+written atomically, so concurrent trials never read half a file, and
+:func:`prune` keeps the folders under a size bound, least recently used first.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-MAX_CACHED_BYTES = 2 * 2**30  # decoded tensors larger than this are decoded again instead of cached
 
 
 def fingerprint(*parts) -> str:
@@ -22,10 +22,59 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:12]
 
 
-def source_stamp(source: str | None) -> float | str:
-    """Modification time of a local file or folder (so a cache key changes when it is edited), else ``""``."""
-    path = Path(source).expanduser() if source else None
-    return path.stat().st_mtime if path and path.exists() else ""
+def source_stamp(*sources) -> str:
+    """A content stamp of local files and folders: a hash of every file's relative path, size and
+    modification time (ns), so that editing any file in place (a ``metadata.csv``, one image) changes
+    it; non-local sources (Hub ids, ``offline:`` domains) add nothing."""
+    h = hashlib.sha256()
+    for source in sources:
+        if isinstance(source, dict):
+            source = list(source.values())
+        for one in source if isinstance(source, (list, tuple)) else [source]:
+            for item in one if isinstance(one, (list, tuple)) else [one]:
+                path = Path(str(item)).expanduser() if item else None
+                if path is None or not path.exists():
+                    continue
+                files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+                for f in files:
+                    st = f.stat()
+                    h.update(f"{f.relative_to(path) if f != path else f.name}|{st.st_size}|{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def prune(folder: Path, max_bytes: int, keep: tuple = ()) -> list[Path]:
+    """Delete the least recently used entries (files or folders) of ``folder`` until it holds at most
+    ``max_bytes``; entries in ``keep`` stay. Returns what was deleted."""
+    import shutil
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+
+    def size(p: Path) -> int:
+        return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+    entries = sorted((p for p in folder.iterdir() if not p.name.endswith(".tmp")), key=lambda p: p.stat().st_mtime)
+    sizes = {p: size(p) for p in entries}
+    total, deleted = sum(sizes.values()), []
+    for p in entries:
+        if total <= max_bytes:
+            break
+        if p in keep:
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        total -= sizes[p]
+        deleted.append(p)
+    return deleted
+
+
+def touch(path: Path) -> Path:
+    """Mark a cache entry as just used (pruning deletes the least recently used first)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+    return path
 
 
 def model_id(name: str, pretrained: str | None) -> str:
@@ -70,6 +119,6 @@ def feature_cache(cache_dir: Path, model_name: str, pretrained: str | None) -> F
     return FeatureCache(Path(cache_dir) / "eval" / "features", model_id(model_name, pretrained))
 
 
-def tensor_cache(cache_dir: Path) -> Path:
-    """The folder of decoded benchmark and fine-tuning tensors."""
-    return Path(cache_dir) / "eval"
+def store_cache(cache_dir: Path) -> Path:
+    """The folder of decoded image stores (:mod:`study.library.store`), one sub-folder per split."""
+    return Path(cache_dir) / "stores"

@@ -1,7 +1,8 @@
-"""The fine-tuning pairs: one split of image-caption pairs, decoded once per study, and its nested subsets.
+"""The fine-tuning pairs: one split of image-caption pairs (or labelled images, captioned from their class
+names), decoded once per study into an on-disk store, and its nested data-fraction subsets.
 
-Shared by the driver (input checks, decoding before Ray starts) and every Ray
-Train worker, so that both see exactly the same images and captions.
+Shared by the driver (input checks, decoding before Ray starts) and every Ray Train worker, so that both
+see exactly the same images and captions.
 """
 
 from __future__ import annotations
@@ -12,43 +13,66 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import MAX_CACHED_BYTES, fingerprint, save_atomic, source_stamp, tensor_cache
-from .images import images_to_tensor
-from .sources import load_source, require_columns
+from .cache import fingerprint, save_atomic, source_stamp, store_cache, touch
+from .rows import apply_holdout, class_index
+from .sources import DataError, load_source, local_base, require_columns
+from .store import ImageStore, build_store
 
 
 def load_finetune_split(spec, data, cache_dir: Path, where="data.finetune"):
-    """The split named by ``spec`` (:class:`~study.config.FinetuneData`) as a ``datasets.Dataset``, its image
-    and caption columns checked. ``data`` (:class:`~study.config.DataSection`) gives the seed and scale of
-    generated domains."""
+    """The rows named by ``spec`` (:class:`~study.config.FinetuneData`: split or slice, then its holdout) as a
+    ``datasets.Dataset``, its columns checked. ``data`` (:class:`~study.config.DataSection`) gives the seed
+    (of the holdout too) and the scale of generated domains."""
     ds = load_source(spec.source, spec.split, cache_dir=cache_dir, seed=data.seed, scale=data.offline_scale,
                      csv_separator=spec.csv_separator, where=f"{where}.source")
-    require_columns(ds, {"image_column": spec.image_column, "caption_column": spec.caption_column}, where)
-    return ds
+    text = {"label_column": spec.label_column} if spec.label_column else {"caption_column": spec.caption_column}
+    require_columns(ds, {"image_column": spec.image_column, **text}, where)
+    return apply_holdout(ds, spec.holdout, data.seed)
+
+
+def finetune_captions(spec, ds, seed: int, where="data.finetune") -> tuple[list, list[str] | None]:
+    """``(caption per row, class names or None)``. With ``label_column``, each row's caption is one of
+    ``templates`` (drawn with ``seed``) filled with its class name, as in FLYP (Goyal et al., 2023); empty
+    or missing captions are None (skipped and counted later)."""
+    if not spec.label_column:
+        return [str(c) if c is not None and str(c).strip() else None for c in ds[spec.caption_column]], None
+    feature = ds.features[spec.label_column]
+    names, labels = class_index(ds[spec.label_column], spec.classnames, getattr(feature, "names", None),
+                                f"{where}.label_column", f"{where}.classnames")
+    pick = np.random.default_rng(seed).integers(len(spec.templates), size=len(labels))
+    return [spec.templates[t].format(c=names[y]) for t, y in zip(pick, labels)], names
 
 
 def decoded_finetune(spec, data, cache_dir: Path, preprocess) -> dict:
-    """Every fine-tuning image decoded once per study: ``{"images" [K,3,H,W], "kept" [K] row indices,
-    "captions" [n], "rows" n}``.
+    """Every fine-tuning image decoded once per study into a store under ``<cache>/stores``:
+    ``{"store": ImageStore, "captions": [caption per store image], "rows": rows in the split, "classnames":
+    class names of a label-only set or None, "skipped": undecodable images, "no_caption": rows skipped}``.
 
-    The driver calls this before Ray starts (so broken images stop the study there, with the count);
-    the result is cached under ``<cache>/eval/`` (up to 2 GiB), so trials load instead of decoding.
+    The driver calls this before Ray starts (broken images stop the study there, with the count); trials
+    open the same store. Keyed by the spec, the preprocessing and the content of every local file.
     """
     key = fingerprint(spec.model_dump_json(), repr(preprocess), data.seed, data.offline_scale,
                       source_stamp(spec.source))
-    path = tensor_cache(cache_dir) / f"finetune-{key}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=True)
-    ds = load_finetune_split(spec, data, cache_dir)
-    images, kept = images_to_tensor(ds, spec.image_column, preprocess, where="data.finetune",
-                                    max_bad_share=spec.max_undecodable_share)
-    if len(kept) < len(ds):
-        print(f"[data] data.finetune: skipped {len(ds) - len(kept)} of {len(ds)} images that cannot be decoded "
-              f"(max_undecodable_share {spec.max_undecodable_share})", flush=True)
-    out = {"images": images, "kept": kept, "captions": [str(c) for c in ds[spec.caption_column]], "rows": len(ds)}
-    if images.numel() * images.element_size() <= MAX_CACHED_BYTES:
-        save_atomic(out, path)
-    return out
+    path = store_cache(cache_dir) / f"finetune-{key}"
+    meta = path.with_name(path.name + ".finetune.pt")
+    if not meta.exists():
+        ds = load_finetune_split(spec, data, cache_dir)
+        captions, names = finetune_captions(spec, ds, data.seed)
+        store, skipped = build_store(ds, spec.image_column, preprocess, path, where="data.finetune.image_column",
+                                     title="the fine-tuning set (data.finetune)",
+                                     max_bad_share=spec.max_undecodable_share, base_dir=local_base(spec.source))
+        kept = [int(r) for r in store.rows]
+        save_atomic({"rows": len(ds), "kept": kept, "captions": [captions[r] for r in kept], "classnames": names,
+                     "skipped": skipped}, meta)
+    state = torch.load(touch(meta), weights_only=True)
+    store = ImageStore(touch(path), preprocess)
+    good = [i for i, c in enumerate(state["captions"]) if c is not None]
+    if not good:
+        raise DataError(f"data.finetune.caption_column: every caption in {spec.caption_column!r} is empty")
+    return {"store": store.subset(good), "rows_kept": [state["kept"][i] for i in good],
+            "captions": [state["captions"][i] for i in good], "rows": state["rows"],
+            "classnames": state["classnames"], "skipped": state["skipped"],
+            "no_caption": len(state["captions"]) - len(good)}
 
 
 def nested_subset(n: int, fraction: float, seed: int) -> np.ndarray:
@@ -64,13 +88,14 @@ def nested_subset(n: int, fraction: float, seed: int) -> np.ndarray:
 
 
 def finetune_tensors(spec, data, cache_dir: Path, fraction: float, preprocess,
-                     tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """The nested ``fraction`` subset as ``(images [N,3,H,W], tokens [N,L])``; undecodable images skipped.
+                     tokenizer) -> tuple[ImageStore, torch.Tensor]:
+    """The nested ``fraction`` subset as ``(images [N,3,H,W] on disk, tokens [N,L])``; undecodable images and
+    empty captions skipped.
 
-    The subset is drawn over the split's rows (not the decodable ones), so it stays nested and the
+    The subset is drawn over the split's rows (not the usable ones), so it stays nested and the
     same whatever fails to decode.
     """
     d = decoded_finetune(spec, data, cache_dir, preprocess)
-    position = {row: i for i, row in enumerate(d["kept"])}
-    rows = [int(r) for r in nested_subset(d["rows"], fraction, data.seed) if int(r) in position]
-    return d["images"][[position[r] for r in rows]], tokenizer([d["captions"][r] for r in rows])
+    position = {row: i for i, row in enumerate(d["rows_kept"])}
+    keep = [position[int(r)] for r in nested_subset(d["rows"], fraction, data.seed) if int(r) in position]
+    return d["store"].subset(keep), tokenizer([d["captions"][i] for i in keep])

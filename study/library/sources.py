@@ -114,13 +114,29 @@ def _load_local(path: Path, split: str, config, csv_separator: str, where: str):
 
 
 def _pick_split(dd, split: str, where: str):
+    """Split ``split`` of ``dd``, with ``datasets``' slicing syntax (``train[:80%]``, ``train[10:20]``,
+    ``train[:50%]+test``); a single ``Dataset`` (a CSV file) is its own split of any name."""
     import datasets
+    from datasets.arrow_reader import ReadInstruction
 
-    if isinstance(dd, datasets.Dataset):
+    try:
+        instructions = ReadInstruction.from_spec(split)
+    except (ValueError, AssertionError) as exc:
+        raise DataError(f"{where}: split {split!r} is not a split name or slice ({exc})") from None
+    single = isinstance(dd, datasets.Dataset)
+    names = {i.splitname for i in instructions._relative_instructions}
+    missing = [] if single else sorted(n for n in names if n not in dd)
+    if missing:
+        raise DataError(f"{where}: split {missing[0]!r} not found; available: {sorted(dd)}")
+    if single and "[" not in split:
         return dd
-    if split not in dd:
-        raise DataError(f"{where}: split {split!r} not found; available: {sorted(dd)}")
-    return dd[split]
+    parts = {n: dd if single else dd[n] for n in names}
+    try:
+        absolute = instructions.to_absolute({n: len(p) for n, p in parts.items()})
+    except (ValueError, AssertionError) as exc:
+        raise DataError(f"{where}: split {split!r}: {exc}") from None
+    pieces = [parts[a.splitname].select(range(a.from_, a.to)) for a in absolute]
+    return pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)
 
 
 def _load_csv(path: Path, sep: str):
@@ -137,6 +153,17 @@ def _load_csv(path: Path, sep: str):
                 ds = ds.rename_column(col, "image")
             break
     return ds
+
+
+def local_base(source: str | None) -> Path | None:
+    """The folder that relative image paths inside a local source are relative to (None for Hub ids and
+    generated domains)."""
+    if not source or source.startswith(OFFLINE_PREFIX):
+        return None
+    path = Path(source).expanduser()
+    if not path.exists():
+        return None
+    return path if path.is_dir() else path.parent
 
 
 def require_columns(ds, columns: dict[str, str], where: str) -> None:

@@ -15,7 +15,8 @@ import torch
 
 from ..config import StudyConfig
 from ..library.benchmarks import check_benchmarks, eval_sets
-from ..library.cache import feature_cache
+from ..library.cache import feature_cache, prune, store_cache
+from ..library.contamination import check_overlap
 from ..library.finetune import decoded_finetune, load_finetune_split
 from ..library.models import check_model, load_base_model
 from ..library.pretrain import resolve_weights
@@ -30,6 +31,8 @@ class Prepared:
     baseline_predictions: dict[str, list[int]]  # per benchmark: the base model's predicted class per image
     baseline_confusions: dict  # per benchmark: (confusion matrix, class names)
     seconds: float
+    overlap: dict  # per benchmark "<role>/<name>": {"exact", "perceptual", "images"} shared with data.finetune
+    transfer: str = ""  # "" (zero-shot), or why the study is in-distribution transfer
 
 
 def check_inputs(cfg: StudyConfig, cache_dir: Path) -> int:
@@ -47,9 +50,36 @@ def prepare(cfg: StudyConfig, cache_dir: Path) -> Prepared:
     pretrained = resolve_weights(cfg.model, cache_dir)
     torch.manual_seed(0)
     lm = load_base_model(cfg.model.name, pretrained)
-    decoded_finetune(cfg.data.finetune, cfg.data, cache_dir, lm.preprocess)  # undecodable images stop us here
+    ft = decoded_finetune(cfg.data.finetune, cfg.data, cache_dir, lm.preprocess)  # undecodable images stop us here
     sets = eval_sets(cfg.data, cache_dir, lm.preprocess, validation_share=cfg.evaluation.validation_share)
+    named = {bench_where(s): s.images.whole() for s in sets}  # (where, metric name): the benchmark's whole store
+    counts = check_overlap(ft["store"], {where: store for (where, _), store in named.items()}, cfg.data.max_overlap)
+    overlap = {name: counts[where] for where, name in named}
+    prune(store_cache(cache_dir), int(cfg.data.cache_max_gb * 2**30))
     baseline, confusions, predictions = evaluate_sets(
         lm.model, lm.tokenizer, sets, "cpu", detailed=True, cache=feature_cache(cache_dir, cfg.model.name, pretrained),
         frozen_image=True, frozen_text=True, collapse_share=cfg.evaluation.collapse_share)
-    return Prepared(pretrained, pairs, baseline, predictions, confusions, time.time() - t0)
+    return Prepared(pretrained, pairs, baseline, predictions, confusions, time.time() - t0, overlap,
+                    transfer_kind(ft["classnames"], sets))
+
+
+def bench_where(s) -> tuple[str, str]:
+    """``("data.specialized 'derm'", "specialized/derm")``: a benchmark in words and as a metric name (plus the
+    split when it is the benchmark's own validation split)."""
+    own = s.spec.validation_split if s.split == "val" and s.spec.validation_split else ""
+    return (f"data.{s.role} {s.spec.name!r}" + (f" split {own!r}" if own else ""),
+            f"{s.role}/{s.spec.name}" + (f"/{own}" if own else ""))
+
+
+def transfer_kind(finetune_classes: list[str] | None, sets) -> str:
+    """"" for zero-shot transfer; else one sentence: the fine-tuning captions, built from class names, name
+    at least half of the headline specialized benchmark's classes (in-distribution transfer, not zero-shot)."""
+    if not finetune_classes:
+        return ""
+    bench = next(s for s in sets if s.role == "specialized" and s.primary)
+    norm = {c.strip().lower() for c in finetune_classes}
+    shared = [c for c in bench.classnames if c.strip().lower() in norm]
+    if len(shared) * 2 < len(bench.classnames):
+        return ""
+    return (f"in-distribution transfer, not zero-shot: the fine-tuning captions name {len(shared)} of the "
+            f"{len(bench.classnames)} classes of benchmark {bench.spec.name!r}")

@@ -19,7 +19,7 @@ import yaml
 
 from ..config import StudyConfig
 from ..selection import holm
-from ..vocabulary import (BASELINE, COLLAPSED_TAG, DONE, GENERAL_TOP1, KIND_TAG, PARENT_TAG, REPLICATED, ROLES,
+from ..vocabulary import (OVERLAP_METRIC, TRANSFER_NOTE_TAG, TRANSFER_TAG, BASELINE, COLLAPSED_TAG, DONE, GENERAL_TOP1, KIND_TAG, PARENT_TAG, REPLICATED, ROLES,
                           SPECIALIZED_TOP1, SWEEP, SWEEP_TAG, TEST, UNFINISHED, VAL, key)
 from . import tracking
 from .prepare import Prepared
@@ -50,7 +50,8 @@ def start_sweep_runs(cfg: StudyConfig, prepared: Prepared, tracking_uri: str, sw
     """Create the experiment, the sweep's parent run and its baseline child run."""
     c = tracking.client(tracking_uri)
     exp_id = tracking.ensure_experiment(c, cfg.name, tracking_uri)
-    tags = {KIND_TAG: SWEEP, SWEEP_TAG: sweep_name, **tracking.provenance_tags()}
+    tags = {KIND_TAG: SWEEP, SWEEP_TAG: sweep_name, TRANSFER_TAG: "in-distribution" if prepared.transfer else "zero-shot",
+            **({TRANSFER_NOTE_TAG: prepared.transfer} if prepared.transfer else {}), **tracking.provenance_tags()}
     parent = c.create_run(exp_id, tags=tags, run_name=sweep_name).info.run_id
     tracking.log_params(c, parent, {"search.trials": str(cfg.search.trials),
                                     "evaluation.headline": cfg.evaluation.headline,
@@ -67,6 +68,8 @@ def start_sweep_runs(cfg: StudyConfig, prepared: Prepared, tracking_uri: str, sw
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
+    c.log_batch(parent, metrics=[Metric(f"{OVERLAP_METRIC}/{name}", v["images"], now, 0)
+                                 for name, v in prepared.overlap.items()])
     c.log_batch(baseline, metrics=[Metric(k, v, now, 0) for k, v in prepared.baseline.items()])
     for bench, (matrix, classnames) in prepared.baseline_confusions.items():
         tracking.log_confusion(c, baseline, bench, matrix, classnames)
@@ -145,7 +148,7 @@ def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, opts: RunOptio
     adjusted = annotate_trials(state, rows)
     tracking.client(state["tracking_uri"]).set_terminated(state["parent_run_id"])
     print(format_summary(rows, state["baseline"], cfg, state["tracking_uri"], state["parent_run_id"], spread_lines,
-                         adjusted), flush=True)
+                         adjusted, prepared.transfer), flush=True)
     analyse(state["tracking_uri"], cfg.name, state["parent_run_id"], opts.output_dir)
     return 0
 

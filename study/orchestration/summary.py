@@ -43,9 +43,9 @@ def choose(rows: list[TrialOutcome], cfg: StudyConfig) -> Optional[TrialOutcome]
 
 
 def format_summary(rows: list[TrialOutcome], baseline: dict, cfg: StudyConfig, tracking_uri: str,
-                   parent_run_id: str, extra: list[str] = (), adjusted: dict | None = None) -> str:
+                   parent_run_id: str, extra: list[str] = (), adjusted: dict | None = None, transfer: str = "") -> str:
     """The end-of-run answer; ``adjusted``: Holm-adjusted p-values by trial id; ``extra`` lines (e.g. the seed
-    replicates) go before the MLflow pointers."""
+    replicates) go before the MLflow pointers; ``transfer``: why the study is in-distribution transfer, if it is."""
     done = [r for r in rows if r.status == DONE]
     failed = [r for r in rows if r.status == ERROR]
     first = cfg.search.objective[0]
@@ -53,6 +53,7 @@ def format_summary(rows: list[TrialOutcome], baseline: dict, cfg: StudyConfig, t
              f"trials: {len(done)} finished, {len(failed)} failed, {len(rows) - len(done) - len(failed)} unfinished",
              f"chosen on validation ({first.metric}, {first.mode}); every number below is on the test part"]
     lines += [f"  failed {r.trial_id}: {r.error}" for r in failed]
+    lines += [f"NOTE: {transfer}"] if transfer else []
     lines += baseline_lines(baseline)
     collapsed = [r.trial_id for r in done if r.metrics.get(key(TEST, "specialized_collapsed"), 0) >= 1]
     if collapsed:

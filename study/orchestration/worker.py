@@ -30,6 +30,7 @@ from ..library.alignment import (apply_alignment_module, load_trainable_state, t
 from ..library.benchmarks import eval_sets
 from ..library.cache import feature_cache
 from ..library.finetune import finetune_tensors
+from ..library.store import ImageStore
 from ..library.models import load_base_model
 from ..library.objective import (NonFiniteLossError, alignment_loss, autocast_for, clamp_logit_scale, lr_lambda,
                                  tether_targets)
@@ -68,7 +69,7 @@ class Worker:
     world: int
     device: torch.device
     tokenizer: Any
-    images: torch.Tensor          # [N, 3, H, W]: the trial's nested data-fraction subset
+    images: ImageStore            # [N, 3, H, W] on disk: the trial's nested data-fraction subset
     tokens: torch.Tensor          # [N, L]
     teacher_img: torch.Tensor     # [N, D]: the frozen model's normalized embeddings (tether targets)
     teacher_txt: torch.Tensor
