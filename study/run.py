@@ -39,6 +39,7 @@ EXAMPLES = """examples:
   python -m study.run --set lora_rank=8 --set params.learning_rate.high=0.02
   python -m study.run --seeds 3 --replicate-top 2       # then rerun the best 2 with 3 seeds each
   python -m study.run --resume                         # continue an interrupted sweep
+  python -m study.run --space my_cells.yaml            # your own labelled image folder (README: "Your own data")
   mlflow ui --backend-store-uri sqlite:///mlflow.db    # browse the runs
 """
 

@@ -290,3 +290,22 @@ def test_one_labelled_folder_with_no_captions_gives_a_finding(tmp_path, smoke_ca
     assert sum(x.data.tags.get("study.kind") == "trial" for x in runs) == 2
     report = next((tmp_path / "outputs" / "analysis").rglob("report.md")).read_text()
     assert "in-distribution transfer" in report
+
+
+def test_two_nodes_build_identical_stores(tmp_path):
+    """On a cluster each node without a shared cache builds its own store: the builds must agree exactly,
+    so every worker trains on the same pixels in the same order."""
+    from study.config import DataSection, FinetuneData
+    from study.library.finetune import finetune_tensors
+
+    folder = _folder(tmp_path / "f", per_class=(7, 7, 7))
+    data = DataSection(finetune=FinetuneData(source=str(folder), label_column="label"))
+
+    def tokens(texts):
+        return torch.tensor([[len(t), hash(t) % 997] for t in texts])
+
+    a_img, a_tok = finetune_tensors(data.finetune, data, tmp_path / "node-a", 0.5, PRE, tokens)
+    b_img, b_tok = finetune_tensors(data.finetune, data, tmp_path / "node-b", 0.5, PRE, tokens)
+    assert a_img.path != b_img.path and len(a_img) == 11
+    assert torch.equal(a_img.tensor(), b_img.tensor()) and torch.equal(a_tok, b_tok)
+    assert a_img.column("sha1").tolist() == b_img.column("sha1").tolist()

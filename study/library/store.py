@@ -29,6 +29,9 @@ from .images import open_image
 from .sources import DataError, datasets_quiet
 
 ARROW = "data.arrow"
+# Bytes read through one memory map before it is reopened: the pages a mapping has touched count in the
+# process's RSS until it is unmapped, so reopening keeps RSS bounded over an epoch of a large store.
+REMAP_BYTES = 256 * 2**20
 PROGRESS_FROM = 2000  # images; smaller sets decode in seconds
 
 
@@ -61,9 +64,13 @@ class ImageStore:
 
     def __init__(self, path: Path, preprocess, positions: Optional[np.ndarray] = None):
         self.path, self.preprocess = Path(path), preprocess
-        self._ds = datasets_quiet().Dataset.from_file(str(self.path / ARROW)).with_format("numpy")
+        self._open()
         self._tail = split_preprocess(preprocess)[1]
         self.positions = np.arange(len(self._ds)) if positions is None else np.asarray(positions, dtype=np.int64)
+
+    def _open(self) -> None:
+        self._ds = datasets_quiet().Dataset.from_file(str(self.path / ARROW)).with_format("numpy")
+        self._read = 0
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -76,6 +83,9 @@ class ImageStore:
             return torch.empty(0)
         order = np.argsort(pos, kind="stable")  # Arrow reads faster in file order
         pix = self._ds[pos[order].tolist()]["pixels"]
+        self._read += pix.nbytes
+        if self._read > REMAP_BYTES:
+            self._open()
         batch = torch.from_numpy(np.ascontiguousarray(pix))
         batch = self._tail(batch) if self._tail else batch.float()
         out = torch.empty_like(batch)

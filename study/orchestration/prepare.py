@@ -17,7 +17,7 @@ from ..config import StudyConfig
 from ..library.benchmarks import check_benchmarks, eval_sets
 from ..library.cache import feature_cache, prune, store_cache
 from ..library.contamination import check_overlap
-from ..library.finetune import decoded_finetune, load_finetune_split
+from ..library.finetune import decoded_finetune, finetune_captions, load_finetune_split
 from ..library.models import check_model, load_base_model
 from ..library.pretrain import resolve_weights
 from ..library.zeroshot import evaluate_sets
@@ -39,6 +39,7 @@ def check_inputs(cfg: StudyConfig, cache_dir: Path) -> int:
     """Validate model and data (paths, splits, columns, class names). Returns fine-tuning pairs."""
     check_model(cfg.model.name, cfg.model.pretrained)
     ds = load_finetune_split(cfg.data.finetune, cfg.data, cache_dir)
+    finetune_captions(cfg.data.finetune, ds, cfg.data.seed)  # labels without class names stop us here
     check_benchmarks(cfg.data, cache_dir)
     return len(ds)
 
