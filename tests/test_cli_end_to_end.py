@@ -139,6 +139,7 @@ def _root():
     return Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # about 100 s: CI's second stage runs it, keeping README's suite under 10 minutes
 def test_asha_auto_concurrency_and_an_optuna_storage_for_the_dashboard(tmp_path, smoke_cache):
     import optuna
 
