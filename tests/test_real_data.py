@@ -309,3 +309,13 @@ def test_two_nodes_build_identical_stores(tmp_path):
     assert a_img.path != b_img.path and len(a_img) == 11
     assert torch.equal(a_img.tensor(), b_img.tensor()) and torch.equal(a_tok, b_tok)
     assert a_img.column("sha1").tolist() == b_img.column("sha1").tolist()
+
+
+def test_a_store_pruned_away_is_built_again(tmp_path):
+    folder = _folder(tmp_path / "f", per_class=(4, 4, 4))
+    first = decode(_spec(folder), "specialized", True, tmp_path / "c", PRE)
+    prune(tmp_path / "c" / "stores", 0, keep=tuple(p for p in (tmp_path / "c" / "stores").iterdir()
+                                                    if p.name.endswith(".eval.pt")))
+    assert [p.name.endswith(".eval.pt") for p in (tmp_path / "c" / "stores").iterdir()] == [True]
+    again = decode(_spec(folder), "specialized", True, tmp_path / "c", PRE)
+    assert torch.equal(first.images.tensor(), again.images.tensor()) and len(again.images) == 12

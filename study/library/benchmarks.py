@@ -25,7 +25,7 @@ from ..vocabulary import ROLES
 from .cache import fingerprint, save_atomic, source_stamp, store_cache, touch
 from .rows import Holdout, apply_holdout, class_index, sample_rows, stratified_split
 from .sources import DataError, EmptySplitError, load_source, local_base
-from .store import ImageStore, build_store
+from .store import ImageStore, build_store, is_store
 
 SPECS_DIR = Path(__file__).resolve().parent.parent / "benchmark_specs"
 Task = Literal["classification", "retrieval"]
@@ -283,7 +283,7 @@ def decode(spec: BenchmarkSpec, role: str, primary: bool, cache_dir: Path, prepr
     key = store_key(spec, preprocess, seed, scale)
     path = store_cache(cache_dir) / f"{spec.name}-{key}"
     meta = path.with_name(path.name + ".eval.pt")
-    if not meta.exists():
+    if not (meta.exists() and is_store(path)):  # pruning may have taken one of the two
         save_atomic(_decode_fresh(spec, cache_dir, preprocess, seed, scale, path), meta)
     state = torch.load(touch(meta), weights_only=True)
     return EvalSet(spec, role, primary, ImageStore(touch(path), preprocess), state["labels"], state["classnames"],

@@ -16,7 +16,7 @@ import torch
 from .cache import fingerprint, save_atomic, source_stamp, store_cache, touch
 from .rows import apply_holdout, class_index
 from .sources import DataError, load_source, local_base, require_columns
-from .store import ImageStore, build_store
+from .store import ImageStore, build_store, is_store
 
 
 def load_finetune_split(spec, data, cache_dir: Path, where="data.finetune"):
@@ -55,7 +55,7 @@ def decoded_finetune(spec, data, cache_dir: Path, preprocess) -> dict:
                       source_stamp(spec.source))
     path = store_cache(cache_dir) / f"finetune-{key}"
     meta = path.with_name(path.name + ".finetune.pt")
-    if not meta.exists():
+    if not (meta.exists() and is_store(path)):  # pruning may have taken one of the two
         ds = load_finetune_split(spec, data, cache_dir)
         captions, names = finetune_captions(spec, ds, data.seed)
         store, skipped = build_store(ds, spec.image_column, preprocess, path, where="data.finetune.image_column",

@@ -35,6 +35,11 @@ REMAP_BYTES = 256 * 2**20
 PROGRESS_FROM = 2000  # images; smaller sets decode in seconds
 
 
+def is_store(path: Path) -> bool:
+    """Whether ``path`` holds a finished store."""
+    return (Path(path) / ARROW).exists() and (Path(path) / "meta.json").exists()
+
+
 def split_preprocess(preprocess) -> tuple[Callable, Optional[Callable]]:
     """``(head, tail)``: ``head`` maps a PIL image to what the store keeps; ``tail`` maps a batch of stored
     ``uint8 [B, H, W, 3]`` to float ``[B, 3, H, W]`` (None: ``head`` is the whole preprocessing)."""
@@ -157,8 +162,9 @@ def build_store(ds, column: str, preprocess, path: Path, *, where: str, title: s
     """
     datasets = datasets_quiet()
     path = Path(path)
-    if (path / ARROW).exists():
+    if is_store(path):
         return ImageStore(path, preprocess), json.loads((path / "meta.json").read_text())["skipped"]
+    shutil.rmtree(path, ignore_errors=True)  # a store pruning left half
     head, tail = split_preprocess(preprocess)
     if isinstance(ds.features.get(column), datasets.Image):
         ds = ds.cast_column(column, datasets.Image(decode=False))
