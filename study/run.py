@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "s3://bucket/prefix on a cluster; env CLIP_STUDY_STORAGE_PATH); default: under --output-dir")
     p.add_argument("--cache-dir", type=Path,
                    default=Path(os.environ.get("CLIP_STUDY_CACHE", Path.home() / ".cache" / "clip-study")),
-                   help="where the generated domains and the pretrained offline base model are cached "
-                        "(env CLIP_STUDY_CACHE)")
+                   help="where the generated domains, the pretrained offline base model and the decoded image "
+                        "stores (<cache>/stores, bounded by data.cache_max_gb) are cached (env CLIP_STUDY_CACHE)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster address (env RAY_ADDRESS); default: start a local Ray")
     return p

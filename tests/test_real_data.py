@@ -138,6 +138,8 @@ def test_max_images_is_a_seeded_stratified_sample_and_one_class_is_an_error(tmp_
                    tmp_path / "one.parquet")
     with pytest.raises(SpecError, match=r"bench\.yaml: split: only 1 class present in 5 images"):
         decode(_spec(tmp_path / "one.parquet", classnames=["circle", "cross"]), "specialized", True, tmp_path / "c", PRE)
+    with pytest.raises(SpecError, match=r"bench\.yaml: label_column: .*a single class sub-folder has no label column"):
+        decode(_spec(_folder(tmp_path / "single", per_class=(4, 0, 0))), "specialized", True, tmp_path / "c", PRE)
 
 
 def test_editing_metadata_in_place_changes_the_result(tmp_path):
@@ -151,9 +153,10 @@ def test_editing_metadata_in_place_changes_the_result(tmp_path):
     (flat / "metadata.csv").write_text("\n".join(rows) + "\n")
     spec = _spec(flat, label_column="kind", classnames=["a", "b"])
     before = decode(spec, "specialized", True, tmp_path / "c", PRE).labels.tolist()
-    stamp = os.stat(flat).st_mtime_ns
+    stamp, file_stamp = os.stat(flat).st_mtime_ns, os.stat(flat / "metadata.csv").st_mtime_ns
     text = (flat / "metadata.csv").read_text().replace(",a\n", ",X\n").replace(",b\n", ",a\n").replace(",X\n", ",b\n")
-    (flat / "metadata.csv").write_text(text)
+    (flat / "metadata.csv").write_text(text)  # the same size
+    os.utime(flat / "metadata.csv", ns=(file_stamp, file_stamp))  # and its old time: only the content tells
     os.utime(flat, ns=(stamp, stamp))  # the folder's own mtime unchanged, as after an in-place edit
     after = decode(spec, "specialized", True, tmp_path / "c", PRE).labels.tolist()
     assert after == [1 - y for y in before]
@@ -221,19 +224,23 @@ def test_empty_captions_are_skipped_and_counted(tmp_path, capsys):
     from study.config import DataSection, FinetuneData
     from study.library.finetune import decoded_finetune
 
+    src = tmp_path / "data"
+    src.mkdir()
     rows = ["file_name,caption"]
     for i in range(6):
-        Image.fromarray(_picture(i, 0)).save(tmp_path / f"{i}.png")
+        Image.fromarray(_picture(i, 0)).save(src / f"{i}.png")
         rows.append(f"{i}.png,{'' if i < 3 else f'a picture number {i}'}")
-    (tmp_path / "metadata.csv").write_text("\n".join(rows) + "\n")
-    data = DataSection(finetune=FinetuneData(source=str(tmp_path)))
+    (src / "metadata.csv").write_text("\n".join(rows) + "\n")
+    data = DataSection(finetune=FinetuneData(source=str(src)))
     ft = decoded_finetune(data.finetune, data, tmp_path / "c", PRE)
     assert ft["captions"] == [f"a picture number {i}" for i in (3, 4, 5)] and ft["no_caption"] == 3
     assert len(ft["store"]) == 3
-    spec = _spec(tmp_path, task="retrieval")
+    spec = _spec(src, task="retrieval")
     s = decode(spec, "specialized", False, tmp_path / "c", PRE)
-    assert s.captions == [f"a picture number {i}" for i in (3, 4, 5)] and s.caption_image.tolist() == [3, 4, 5]
-    assert "skipped 3 empty or missing captions" in capsys.readouterr().out
+    assert s.captions == [f"a picture number {i}" for i in (3, 4, 5)] and s.caption_image.tolist() == [0, 1, 2]
+    assert len(s.images) == 3  # an image with no caption left could never be a hit
+    assert torch.equal(s.images.tensor(), ft["store"].tensor())
+    assert "skipped 3 empty or missing captions (3 images left with none)" in capsys.readouterr().out
 
 
 def _label_only_study(tmp_path: Path, smoke_cache: Path, overlap: bool) -> Path:

@@ -164,8 +164,11 @@ def load_split(spec: BenchmarkSpec, cache_dir: Path, seed: int = 0, scale: float
         spec.label_column if spec.task == "classification" else spec.caption_column)
     for fld, col in needed.items():
         if col not in ds.column_names:
+            hint = ("; an image folder with a single class sub-folder has no label column, and zero-shot "
+                    "classification needs at least 2 classes" if fld == "label_column" and
+                    ds.column_names == [spec.image_column] else "")
             raise SpecError(f"{spec.where(fld)}: column {col!r} not in split {spec.split!r} "
-                            f"(columns: {ds.column_names})")
+                            f"(columns: {ds.column_names}){hint}")
     ds = apply_holdout(ds, spec.holdout, seed)
     return sample_rows(ds, spec.max_images, seed, spec.label_column if spec.task == "classification" else None)
 
@@ -286,7 +289,10 @@ def decode(spec: BenchmarkSpec, role: str, primary: bool, cache_dir: Path, prepr
     if not (meta.exists() and is_store(path)):  # pruning may have taken one of the two
         save_atomic(_decode_fresh(spec, cache_dir, preprocess, seed, scale, path), meta)
     state = torch.load(touch(meta), weights_only=True)
-    return EvalSet(spec, role, primary, ImageStore(touch(path), preprocess), state["labels"], state["classnames"],
+    images = ImageStore(touch(path), preprocess)
+    if state.get("positions") is not None:  # retrieval: the images left with at least one caption
+        images = images.subset(state["positions"])
+    return EvalSet(spec, role, primary, images, state["labels"], state["classnames"],
                    state["prompts"], state["captions"], state["caption_image"], state["skipped"], key)
 
 
@@ -305,18 +311,21 @@ def _decode_fresh(spec: BenchmarkSpec, cache_dir: Path, preprocess, seed: int, s
         out["classnames"], out["labels"] = classes_of(spec, ds)
         out["prompts"] = class_prompts(spec, out["classnames"])
         return out
-    owner, empty = [], 0
+    owner, empty, positions = [], 0, []
     for i, caps in enumerate(ds[spec.caption_column]):
         caps = [caps] if isinstance(caps, str) or caps is None else list(caps)
         good = [str(c) for c in caps if c is not None and str(c).strip()]
         empty += len(caps) - len(good)
-        out["captions"] += good
-        owner += [i] * len(good)
+        if good:  # an image with no caption left can never be a hit: it leaves the benchmark
+            out["captions"] += good
+            owner += [len(positions)] * len(good)
+            positions.append(i)
     if empty:
-        print(f"[data] {spec.name}: skipped {empty} empty or missing captions", flush=True)
+        print(f"[data] {spec.name}: skipped {empty} empty or missing captions "
+              f"({len(ds) - len(positions)} images left with none)", flush=True)
     if not owner:
         raise SpecError(f"{spec.where('caption_column')}: no captions in column {spec.caption_column!r}")
-    out["caption_image"] = torch.tensor(owner)
+    out["caption_image"], out["positions"] = torch.tensor(owner), positions
     return out
 
 

@@ -22,10 +22,15 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:12]
 
 
+TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".txt", ".yaml", ".yml"}
+HASHED_TABLE_BYTES = 64 * 2**20
+
+
 def source_stamp(*sources) -> str:
-    """A content stamp of local files and folders: a hash of every file's relative path, size and
-    modification time (ns), so that editing any file in place (a ``metadata.csv``, one image) changes
-    it; non-local sources (Hub ids, ``offline:`` domains) add nothing."""
+    """A stamp of local files and folders: a hash of every file's relative path, size and modification
+    time (ns), plus the content of label and caption tables (``.csv``, ``.jsonl``... up to 64 MiB), so that
+    editing any file in place (a ``metadata.csv``, one image) changes it, and a metadata edit does even
+    when it keeps the size and the time; non-local sources (Hub ids, ``offline:`` domains) add nothing."""
     h = hashlib.sha256()
     for source in sources:
         if isinstance(source, dict):
@@ -39,6 +44,8 @@ def source_stamp(*sources) -> str:
                 for f in files:
                     st = f.stat()
                     h.update(f"{f.relative_to(path) if f != path else f.name}|{st.st_size}|{st.st_mtime_ns};".encode())
+                    if f.suffix.lower() in TABLE_SUFFIXES and st.st_size <= HASHED_TABLE_BYTES:
+                        h.update(hashlib.sha256(f.read_bytes()).digest())  # labels and captions: by content
     return h.hexdigest()[:16]
 
 

@@ -59,7 +59,7 @@ def load_source(source: str, split: str, *, cache_dir: Path, seed: int = 0, scal
     if looks_local and not path.exists():
         raise DataError(f"{where}: path {source!r} does not exist")
     if path.exists():
-        return _load_local(path, split, config, csv_separator, where)
+        return _load_local(path, split, config, csv_separator, where, hf_cache(cache_dir, path))
     # A Hub dataset id. Remote code is never trusted (datasets>=3 dropped it anyway).
     try:
         return datasets_quiet().load_dataset(source, name=config, split=split, revision=revision)
@@ -93,17 +93,27 @@ def _load_offline(domain: str, split: str, cache_dir: Path, seed: int, scale: fl
     return _pick_split(dd, split, where)
 
 
-def _load_local(path: Path, split: str, config, csv_separator: str, where: str):
+def hf_cache(cache_dir: Path, path: Path) -> str:
+    """Where ``datasets`` caches what it builds from a local source: a folder named by the source's stamp
+    (:func:`~study.library.cache.source_stamp`), since ``datasets`` itself keys local files by their
+    modification time only, and an edit that keeps it would be served stale."""
+    from .cache import source_stamp
+
+    return str(Path(cache_dir) / "hf" / source_stamp(path))
+
+
+def _load_local(path: Path, split: str, config, csv_separator: str, where: str, cache: str):
     datasets = datasets_quiet()
     try:
         if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
             return _pick_split(datasets.load_from_disk(str(path)), split, where)
         if path.is_dir():  # an image folder, or a local copy of a Hub dataset repo: the same call as the Hub
-            return _pick_split(datasets.load_dataset(str(path), name=config), split, where)
+            return _pick_split(datasets.load_dataset(str(path), name=config, cache_dir=cache), split, where)
         if path.suffix in {".csv", ".tsv"}:
-            return _load_csv(path, "\t" if path.suffix == ".tsv" else csv_separator)
+            return _load_csv(path, "\t" if path.suffix == ".tsv" else csv_separator, cache)
         if path.suffix in {".parquet", ".arrow"}:
-            return _pick_split(datasets.load_dataset(path.suffix.lstrip("."), data_files=str(path)), split, where)
+            return _pick_split(datasets.load_dataset(path.suffix.lstrip("."), data_files=str(path), cache_dir=cache),
+                               split, where)
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types; the user needs the file named
@@ -139,11 +149,11 @@ def _pick_split(dd, split: str, where: str):
     return pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)
 
 
-def _load_csv(path: Path, sep: str):
+def _load_csv(path: Path, sep: str, cache: str):
     """open_clip-style CSV: a file-path column and a caption column; paths relative to the CSV."""
     import datasets
 
-    ds = datasets.load_dataset("csv", data_files=str(path), sep=sep, split="train")
+    ds = datasets.load_dataset("csv", data_files=str(path), sep=sep, split="train", cache_dir=cache)
     base = path.parent
     for col in ("filepath", "file_name", "image_path", "path"):
         if col in ds.column_names:

@@ -47,21 +47,36 @@ def check_inputs(cfg: StudyConfig, cache_dir: Path) -> int:
 def prepare(cfg: StudyConfig, cache_dir: Path) -> Prepared:
     """Check inputs, resolve the base model and evaluate it (the baseline) on every benchmark."""
     t0 = time.time()
-    pairs = check_inputs(cfg, cache_dir)
+    check_inputs(cfg, cache_dir)
     pretrained = resolve_weights(cfg.model, cache_dir)
     torch.manual_seed(0)
     lm = load_base_model(cfg.model.name, pretrained)
     ft = decoded_finetune(cfg.data.finetune, cfg.data, cache_dir, lm.preprocess)  # undecodable images stop us here
+    if ft["skipped"] or ft["no_caption"]:
+        print(f"[data] data.finetune: {len(ft['store'])} of {ft['rows']} rows used; skipped {ft['skipped']} images "
+              f"that cannot be decoded and {ft['no_caption']} rows with an empty or missing caption", flush=True)
     sets = eval_sets(cfg.data, cache_dir, lm.preprocess, validation_share=cfg.evaluation.validation_share)
     named = {bench_where(s): s.images.whole() for s in sets}  # (where, metric name): the benchmark's whole store
     counts = check_overlap(ft["store"], {where: store for (where, _), store in named.items()}, cfg.data.max_overlap)
     overlap = {name: counts[where] for where, name in named}
-    prune(store_cache(cache_dir), int(cfg.data.cache_max_gb * 2**30))
+    print(data_line(ft, sets, overlap, cfg.data.max_overlap), flush=True)
+    for folder in (store_cache(cache_dir), Path(cache_dir) / "hf"):  # decoded stores; datasets' builds of local data
+        prune(folder, int(cfg.data.cache_max_gb * 2**30))
     baseline, confusions, predictions = evaluate_sets(
         lm.model, lm.tokenizer, sets, "cpu", detailed=True, cache=feature_cache(cache_dir, cfg.model.name, pretrained),
         frozen_image=True, frozen_text=True, collapse_share=cfg.evaluation.collapse_share)
-    return Prepared(pretrained, pairs, baseline, predictions, confusions, time.time() - t0, overlap,
+    return Prepared(pretrained, len(ft["store"]), baseline, predictions, confusions, time.time() - t0, overlap,
                     transfer_kind(ft["classnames"], sets))
+
+
+def data_line(ft: dict, sets, overlap: dict, max_overlap: int) -> str:
+    """One line on what was decoded and what the contamination check found."""
+    kind = "captioned from class names" if ft["classnames"] else "image-caption pairs"
+    shared = sum(v["images"] for v in overlap.values())
+    images = sum(len(s.images) for s in sets)
+    return (f"[data] fine-tuning set: {len(ft['store'])} {kind}; benchmarks: {images} images in "
+            f"{len(sets)} validation/test parts; overlap check: {shared} benchmark images also in the fine-tuning "
+            f"set (max_overlap {max_overlap})")
 
 
 def bench_where(s) -> tuple[str, str]:
