@@ -149,22 +149,9 @@ def _encode(item, head, tail, base_dir):
     return out if tail else out.astype(np.float32), hashlib.sha1(img.tobytes()).hexdigest(), str(imagehash.phash(img))
 
 
-def build_store(ds, column: str, preprocess, path: Path, *, where: str, title: str = "", max_bad_share: float = 0.0,
-                base_dir: Optional[Path] = None, progress: Optional[bool] = None) -> tuple[ImageStore, int]:
-    """Decode and preprocess every image of ``ds[column]`` into a store at ``path``: ``(store, skipped)``.
-
-    Images are read as bytes, paths (relative to ``base_dir``) or ``{bytes, path}`` and decoded one at a
-    time as the field decodes them (:func:`~study.library.images.open_image`), so a broken one is skipped and
-    counted; more than ``max_bad_share`` of them (or all) raises :class:`DataError` naming ``where`` and
-    the first. Written through a temporary folder renamed into place, so concurrent builders (trials,
-    nodes) never read a half-written store. Shows a progress bar with an ETA, titled ``title``, when
-    ``progress`` (default: on a terminal, or for 2,000 images or more).
-    """
+def _decode_into(ds, column: str, preprocess, file: Path, base_dir, title: str, progress: bool) -> list[str]:
+    """``ds.map`` decoding ``ds[column]`` into the Arrow ``file``; returns one line per undecodable image."""
     datasets = datasets_quiet()
-    path = Path(path)
-    if is_store(path):
-        return ImageStore(path, preprocess), json.loads((path / "meta.json").read_text())["skipped"]
-    shutil.rmtree(path, ignore_errors=True)  # a store pruning left half
     head, tail = split_preprocess(preprocess)
     if isinstance(ds.features.get(column), datasets.Image):
         ds = ds.cast_column(column, datasets.Image(decode=False))
@@ -182,18 +169,38 @@ def build_store(ds, column: str, preprocess, path: Path, *, where: str, title: s
                 out[k].append(v)
         return out
 
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{time.time_ns()}.tmp")
-    tmp.mkdir(parents=True)
     features = _features(head, tail)
-    if progress if progress is not None else (sys.stderr.isatty() or len(ds) >= PROGRESS_FROM):
+    if progress:
         datasets.enable_progress_bars()
     try:
         ds.select_columns([column]).map(
             decode_batch, batched=True, batch_size=64, writer_batch_size=64, with_indices=True,
-            remove_columns=[column], features=features, cache_file_name=str(tmp / ARROW),
-            load_from_cache_file=False, desc=f"[data] decoding {title or where}")
+            remove_columns=[column], features=features, cache_file_name=str(file),
+            load_from_cache_file=False, desc=f"[data] decoding {title}")
     finally:
         datasets.disable_progress_bars()
+    return bad
+
+
+def build_store(ds, column: str, preprocess, path: Path, *, where: str, title: str = "", max_bad_share: float = 0.0,
+                base_dir: Optional[Path] = None, progress: Optional[bool] = None) -> tuple[ImageStore, int]:
+    """Decode and preprocess every image of ``ds[column]`` into a store at ``path``: ``(store, skipped)``.
+
+    Images are read as bytes, paths (relative to ``base_dir``) or ``{bytes, path}`` and decoded one at a
+    time as the field decodes them (:func:`~study.library.images.open_image`), so a broken one is skipped and
+    counted; more than ``max_bad_share`` of them (or all) raises :class:`DataError` naming ``where`` and
+    the first. Written through a temporary folder renamed into place, so concurrent builders (trials,
+    nodes) never read a half-written store. Shows a progress bar with an ETA, titled ``title``, when
+    ``progress`` (default: on a terminal, or for 2,000 images or more).
+    """
+    path = Path(path)
+    if is_store(path):
+        return ImageStore(path, preprocess), json.loads((path / "meta.json").read_text())["skipped"]
+    shutil.rmtree(path, ignore_errors=True)  # a store pruning left half
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{time.time_ns()}.tmp")
+    tmp.mkdir(parents=True)
+    show = progress if progress is not None else (sys.stderr.isatty() or len(ds) >= PROGRESS_FROM)
+    bad = _decode_into(ds, column, preprocess, tmp / ARROW, base_dir, title or where, show)
     if bad and (len(bad) > max_bad_share * len(ds) or len(bad) == len(ds)):
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"{where}: {len(bad)} of {len(ds)} images cannot be decoded "
