@@ -102,7 +102,6 @@ def last_metrics(run) -> dict:
 
 def trial_row(run) -> dict:
     """One flat record of a trial's run: ids, status, every knob, the final metrics and their intervals."""
-    m = run.data.metrics
     row = {"trial_id": run.data.tags.get(TRIAL_TAG, run.info.run_id[:8]), "run_id": run.info.run_id,
            "status": run.data.tags.get(STATUS_TAG, run.info.status),
            "failure_reason": run.data.tags.get(FAILURE_TAG, "")}

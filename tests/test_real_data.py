@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 from torchvision import transforms as T
 
-from study.library.benchmarks import SpecError, decode, load_spec, spec_from_dict
+from study.library.benchmarks import SpecError, decode, spec_from_dict
 from study.library.cache import prune
 from study.library.contamination import check_overlap
 from study.library.images import open_image
