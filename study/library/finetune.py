@@ -61,16 +61,14 @@ def decoded_finetune(spec, data, cache_dir: Path, preprocess) -> dict:
         store, skipped = build_store(ds, spec.image_column, preprocess, path, where="data.finetune.image_column",
                                      title="the fine-tuning set (data.finetune)",
                                      max_bad_share=spec.max_undecodable_share, base_dir=local_base(spec.source))
-        kept = [int(r) for r in store.rows]
-        save_atomic({"rows": len(ds), "kept": kept, "captions": [captions[r] for r in kept], "classnames": names,
-                     "skipped": skipped}, meta)
+        save_atomic({"rows": len(ds), "captions": [captions[int(r)] for r in store.rows], "classnames": names,
+                     "skipped": skipped}, meta)  # captions in store order
     state = torch.load(touch(meta), weights_only=True)
     store = ImageStore(touch(path), preprocess)
     good = [i for i, c in enumerate(state["captions"]) if c is not None]
     if not good:
         raise DataError(f"data.finetune.caption_column: every caption in {spec.caption_column!r} is empty")
-    return {"store": store.subset(good), "rows_kept": [state["kept"][i] for i in good],
-            "captions": [state["captions"][i] for i in good], "rows": state["rows"],
+    return {"store": store.subset(good), "captions": [state["captions"][i] for i in good], "rows": state["rows"],
             "classnames": state["classnames"], "skipped": state["skipped"],
             "no_caption": len(state["captions"]) - len(good)}
 
@@ -96,6 +94,6 @@ def finetune_tensors(spec, data, cache_dir: Path, fraction: float, preprocess,
     same whatever fails to decode.
     """
     d = decoded_finetune(spec, data, cache_dir, preprocess)
-    position = {row: i for i, row in enumerate(d["rows_kept"])}
+    position = {int(row): i for i, row in enumerate(d["store"].rows)}
     keep = [position[int(r)] for r in nested_subset(d["rows"], fraction, data.seed) if int(r) in position]
     return d["store"].subset(keep), tokenizer([d["captions"][i] for i in keep])

@@ -133,8 +133,7 @@ def _features(head, tail):
 
     datasets = datasets_quiet()
     sample = np.asarray(head(Image.new("RGB", (32, 32))))
-    pixels = (datasets.Array3D(shape=sample.shape, dtype="uint8") if tail else
-              datasets.Array3D(shape=tuple(sample.shape), dtype="float32"))
+    pixels = datasets.Array3D(shape=tuple(sample.shape), dtype="uint8" if tail else "float32")
     return datasets.Features({"pixels": pixels, "row": datasets.Value("int64"), "sha1": datasets.Value("string"),
                               "phash": datasets.Value("string")})
 
