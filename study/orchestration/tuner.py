@@ -183,13 +183,23 @@ def restorable(storage: str, name: str) -> bool:
 
 def run_sweep(build_tuner, address: str | None):
     """Start (or join) Ray, build the tuner (``with_parameters`` needs Ray up), run the sweep, shut Ray
-    down; returns Tune's ``ResultGrid``."""
+    down; returns Tune's ``ResultGrid``.
+
+    Without ``address`` each study starts its own local Ray (``ray.init`` joins only a Ray that ``ray start``
+    recorded, as on a cluster head; it never joins another study's), so studies on one machine share no
+    lifetime and ``ray.shutdown()`` stops only the Ray this study started. Joining a running study's Ray
+    instead would let its shutdown kill the other study's trials. A joined Ray is only disconnected.
+    """
     import ray
 
+    from .ray_address import pin_ray_address
+
     # The dashboard (on 127.0.0.1) serves the state API that Ray Train's placement-group cleaner needs to
-    # free the workers of a trial that was stopped early or lost its driver.
+    # free the workers of a trial that was stopped early or lost its driver; the setup hook points each
+    # worker's state-API client at this study's Ray (see pin_ray_address).
     ray.init(address=address, log_to_driver=True, include_dashboard=None if address else True,
-             dashboard_host="127.0.0.1", configure_logging=True, logging_level="WARNING")
+             dashboard_host="127.0.0.1", configure_logging=True, logging_level="WARNING",
+             runtime_env={"worker_process_setup_hook": pin_ray_address})
     try:
         return build_tuner().fit()
     finally:
