@@ -98,3 +98,78 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, smoke_cache, sig
     assert len(searcher._ot_study.trials) == 2
     expected = sorted(r.data.metrics["val/specialized_balanced_accuracy"] for r in trials)
     assert values == pytest.approx(expected, abs=1e-6)
+
+
+def _kill_at_last_checkpoint(cwd: Path, cache: Path, args: list[str], epochs: int) -> str:
+    """Run ``args`` and, once the first trial's Ray Train run starts storing its last epoch's checkpoint,
+    freeze the driver (SIGSTOP: Tune records nothing more) until Train has registered that checkpoint, then
+    SIGKILL the process group. Returns the killed trial's id."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([sys.executable, "-m", "study.run", "--cache-dir", str(cache), *args], cwd=cwd,
+                            stdout=open(cwd / "first.log", "w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    train = cwd / "outputs" / "clip-alignment-study" / "ray"
+    deadline, ckpts = time.time() + 240, []
+    while len(ckpts) < epochs:
+        assert proc.poll() is None and time.time() < deadline, (cwd / "first.log").read_text()[-3000:]
+        time.sleep(0.05)
+        ckpts = [p for p in train.glob("sweep-*/train/train-*/checkpoint_*") if p.is_dir()]
+    os.kill(proc.pid, signal.SIGSTOP)
+    last = max(ckpts, key=lambda p: p.name)  # named by time
+    snapshot = last.parent / "checkpoint_manager_snapshot.json"
+    while not (snapshot.exists() and last.name in snapshot.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    time.sleep(2)  # let the orphaned Ray processes notice, then make sure none survives
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    assert last.name in snapshot.read_text(), "Ray Train never registered the last epoch's checkpoint"
+    return last.parent.name.removeprefix("train-")
+
+
+def _tune_results(cwd: Path, trial_id: str) -> list[dict]:
+    """What Tune recorded of a trial's results (its result.json, one line per result)."""
+    import json
+
+    ray = cwd / "outputs" / "clip-alignment-study" / "ray"
+    log = next(ray.glob(f"sweep-*/trial_driver_{trial_id}_*/result.json"))
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_killed_during_last_checkpoint_resumes_to_completion(tmp_path, smoke_cache, epochs):
+    """Killed after Ray Train stored the last epoch's checkpoint but before Tune recorded its result: the
+    resumed trial has nothing left to train, yet Tune must get its final result (it used to fail on the
+    missing metric, or keep an earlier epoch's numbers)."""
+    args = ["--smoke-test", "--trials", "2", "--max-concurrent", "1", "--set", f"params.epochs={epochs}"]
+    killed = _kill_at_last_checkpoint(tmp_path, smoke_cache, args, epochs)
+    assert all(r.get("epoch") != epochs for r in _tune_results(tmp_path, killed))  # the window was hit
+    c, runs = mlflow_runs(tmp_path)
+    before = next(r for r in runs if r.data.tags.get("study.trial_id") == killed)
+
+    proc = run_cli([*args, "--resume"], tmp_path, smoke_cache)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming sweep" in proc.stdout and "trials: 2 finished, 0 failed, 0 unfinished" in proc.stdout
+
+    c, runs = mlflow_runs(tmp_path)
+    parent = next(r for r in runs if r.data.tags["study.kind"] == "sweep")
+    assert parent.info.status == "FINISHED"
+    trials = [r for r in runs if r.data.tags.get("study.kind") == "trial"]
+    ids = [r.data.tags["study.trial_id"] for r in trials]
+    assert len(ids) == 2 and len(set(ids)) == 2 and killed in ids, ids  # one run per trial
+    for run in trials:
+        assert run.data.tags["study.status"] == "FINISHED" and run.info.status == "FINISHED"
+        steps = [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")]
+        assert sorted(steps) == list(range(1, epochs + 1)), steps
+        assert "final/test/specialized_balanced_accuracy" in run.data.metrics
+        last = _tune_results(tmp_path, run.data.tags["study.trial_id"])[-1]  # Tune has the final result
+        assert last["epoch"] == epochs
+        assert last["test/specialized_balanced_accuracy"] == pytest.approx(
+            run.data.metrics["final/test/specialized_balanced_accuracy"])
+    after = next(r for r in trials if r.data.tags["study.trial_id"] == killed)
+    assert after.info.run_id == before.info.run_id

@@ -4,7 +4,8 @@
 model, data, tether targets, the alignment module, optimizer), :func:`restore`
 (from the last checkpoint, after a lost worker or node), then per epoch
 :func:`train_epoch`, :func:`evaluate` (rank 0), :func:`record` (MLflow) and
-:func:`checkpoint_and_report`.
+:func:`checkpoint_and_report`. A run restored from its last epoch's checkpoint has nothing left to train
+and :func:`report_restored` passes that epoch's result on again.
 
 Data order is global: each step takes one global batch from a seeded
 permutation and worker ``r`` of ``W`` takes rows ``r::W`` of it. Features are
@@ -14,6 +15,7 @@ W workers computes the same loss and the same updates as a run on one.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -84,6 +86,7 @@ class Worker:
     loss_fn: Any = None
     sets: list = field(default_factory=list)  # benchmarks (rank 0 only)
     start_epoch: int = 0
+    restored_metrics: dict = field(default_factory=dict)  # what the restored checkpoint's epoch reported
     logger: Any = None            # rank 0's TrialLogger, when the trial has an MLflow run
 
     @property
@@ -111,6 +114,8 @@ def train_fn_per_worker(config: dict) -> None:
                 metrics.update(evaluate(w, final=epoch + 1 == job.settings.epochs))
                 metrics["epoch_seconds"] = time.time() - t0
             checkpoint_and_report(w, epoch, metrics)
+        if w.start_epoch == job.settings.epochs:
+            report_restored(w)
     except BaseException:
         if w.logger:  # keep what was recorded before the failure
             w.logger.close(raise_errors=False, timeout=120)
@@ -161,6 +166,8 @@ def restore(w: Worker, checkpoint) -> None:
     w.sched.load_state_dict(state["scheduler"])
     w.start_epoch = state["epoch"]
     w.initial = state["initial"]
+    if (Path(d) / "metrics.json").exists():  # rank 0's result of that epoch (older checkpoints lack it)
+        w.restored_metrics = json.loads((Path(d) / "metrics.json").read_text())
 
 
 def distribute(w: Worker) -> None:
@@ -256,5 +263,22 @@ def checkpoint_and_report(w: Worker, epoch: int, metrics: dict) -> None:
             torch.save({"trainable": trainable_state(w.model), "optimizer": w.opt.state_dict(),
                         "scheduler": w.sched.state_dict(), "epoch": epoch + 1, "initial": w.initial},
                        Path(tmp) / "state.pt")
+            (Path(tmp) / "metrics.json").write_text(json.dumps(metrics, default=float))  # numpy scalars too
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics if w.rank == 0 else {}, checkpoint=ckpt)
+
+
+def report_restored(w: Worker) -> None:
+    """Report the restored last epoch's result again (no checkpoint: it is already stored).
+
+    The run was interrupted after that epoch's checkpoint was stored but perhaps before Tune recorded its
+    result, e.g. a Ctrl-C while it was being checkpointed. Without this report the trial would end with no
+    result or a stale one (Tune then fails on the missing metric, or keeps an earlier epoch's numbers). Its
+    MLflow records were all written before the checkpoint, so only the logger is closed first.
+    """
+    import ray.train
+
+    if w.logger:
+        w.logger.close()
+    if w.restored_metrics:  # all ranks read the same checkpoint, so all report or none does
+        ray.train.report(w.restored_metrics if w.rank == 0 else {}, checkpoint=None)
