@@ -10,14 +10,15 @@ into :class:`TrialSettings` on its first line.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .library.benchmarks import BenchmarkSpec, SpecError, resolve
 from .library.rows import Holdout
+from .library.yamlfile import YamlFileError, parse_value, read_yaml
 from .settings import TrialSettings
 from .vocabulary import HEADLINES, KNOBS, OBJECTIVE_METRICS, ROLES, TRAIN_METRICS, headline
 
@@ -61,6 +62,12 @@ class IntRange(_Strict):
     low: int
     high: int
 
+    @model_validator(mode="after")
+    def _log_bounds(self):
+        if self.distribution == "logint" and self.low < 1:
+            raise ValueError(f"logint needs low >= 1 (a log scale has no 0 or negatives), got low {self.low}")
+        return self
+
 
 class Categorical(_Strict):
     distribution: Literal["categorical"]
@@ -69,7 +76,9 @@ class Categorical(_Strict):
 
 Distribution = Annotated[Union[Uniform, LogUniform, QUniform, IntRange, Categorical],
                          Field(discriminator="distribution")]
-DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "int", "logint", "categorical")
+DISTRIBUTION_TYPES = {"uniform": Uniform, "loguniform": LogUniform, "quniform": QUniform, "int": IntRange,
+                      "logint": IntRange, "categorical": Categorical}
+DISTRIBUTIONS = tuple(DISTRIBUTION_TYPES)
 
 
 class Objective(_Strict):
@@ -122,7 +131,7 @@ class FinetuneData(_Strict):
 
 
 # A shipped spec name, a spec file path, or an inline spec; load_study_config resolves each to a BenchmarkSpec.
-BenchmarkRef = Union[BenchmarkSpec, str, dict]
+BenchmarkRef = Union[str, dict, BenchmarkSpec]
 
 
 class DataSection(_Strict):
@@ -225,7 +234,8 @@ class ResourcesSection(_Strict):
 
 
 class StudyConfig(_Strict):
-    name: str = Field("clip-alignment-study", min_length=1)
+    # The MLflow experiment, and a folder under --output-dir: letters, digits, and _ - . and spaces.
+    name: str = Field("clip-alignment-study", min_length=1, max_length=200)
     description: str = ""
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
@@ -233,6 +243,14 @@ class StudyConfig(_Strict):
     evaluation: EvaluationSection = EvaluationSection()
     resources: ResourcesSection = ResourcesSection()
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _usable_name(cls, v):
+        if not re.fullmatch(r"\w[\w.\- ]*", v):
+            raise ValueError("the study name is the MLflow experiment and a folder under --output-dir: use letters, "
+                             "digits, '_', '-', '.' and spaces, starting with a letter or digit")
+        return v
 
     @model_validator(mode="after")
     def _default_objective(self):
@@ -246,91 +264,173 @@ class StudyConfig(_Strict):
 
 
 # ------------------------------------------------------------- loading
-def _fmt(err: ValidationError, file: str, prefix: tuple = ()) -> str:
+Override = tuple  # (dotted key, value) or (dotted key, value, the flag that set it, e.g. "--trials")
+
+
+class Blame:
+    """Who is at fault for a field: the flag that overrode it, else the space file."""
+
+    def __init__(self, file: str, overrides):
+        self.file = file
+        self.flags = [(_dotted(o[0]), o[2] if len(o) > 2 else f"--set {o[0]}") for o in overrides]
+
+    def __call__(self, loc: str) -> str:
+        """The flag that set ``loc`` (or a section above it; else the last that set a field below it)."""
+        above = [(len(k), i, flag) for i, (k, flag) in enumerate(self.flags) if loc == k or loc.startswith(k + ".")]
+        if above:
+            return max(above)[2]
+        below = [flag for k, flag in self.flags if k.startswith(loc + ".")]
+        return below[-1] if below else self.file
+
+
+def _dotted(key: str) -> str:
+    return f"params.{key}" if key in TRIAL_FIELDS else key
+
+
+def _loc(err: ValidationError, prefix: tuple = ()) -> tuple[str, str]:
+    """``(field path, message)`` of a validation error's first problem, without pydantic's internal tags."""
     e = err.errors()[0]
     loc = ".".join(str(p) for p in prefix + tuple(e["loc"]) if not str(p).startswith(("function-", "tagged-union")))
     msg = e["msg"].removeprefix("Value error, ")
-    got = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {e.get('input')!r})"
-    return f"{file}: {loc or '<top>'}: {msg}{got}"
+    plain = e["type"] in ("missing", "extra_forbidden") or isinstance(e.get("input"), dict)
+    return loc or "<top>", msg + ("" if plain else f" (got {e.get('input')!r})")
 
 
-def _validate_params(params: dict, file: str) -> dict:
-    """Check each search-space entry and return ``{name: fixed value | Distribution}``."""
+def _fmt(err: ValidationError, blame, prefix: tuple = ()) -> str:
+    loc, msg = _loc(err, prefix)
+    return f"{blame(loc)}: {loc}: {msg}"
+
+
+def knob_type(name: str) -> type:
+    """The Python type a knob takes: ``int``, ``float``, ``bool`` or ``list`` (of words)."""
+    ann = TrialSettings.model_fields[name].annotation
+    for t in (bool, int, float):
+        if ann is t or ann == Optional[t]:
+            return t
+    return list
+
+
+def _distribution(name: str, spec: dict, blame, defaults: dict) -> BaseModel:
+    """One ``params`` entry with a ``distribution``, checked against its knob's type and bounds: every value
+    it can draw must be a valid :class:`TrialSettings` field (integers for an integer knob, one type of
+    choice), so that no trial fails inside Ray on a value the space let through."""
+    where = f"params.{name}"
+    kind = spec["distribution"]
+    if kind not in DISTRIBUTIONS:
+        raise ConfigError(f"{blame(where)}: {where}.distribution: unknown distribution {kind!r}; choose from "
+                          f"{', '.join(DISTRIBUTIONS)}")
+    try:
+        dist = DISTRIBUTION_TYPES[kind].model_validate(spec)
+    except ValidationError as err:
+        raise ConfigError(_fmt(err, blame, ("params", name))) from None
+    want = knob_type(name)
+    draws = {"uniform": float, "loguniform": float, "quniform": float, "int": int, "logint": int}.get(kind)
+    if draws and (want in (bool, list) or (want is int and draws is float)):
+        fit = "int or logint" if want is int else "categorical"
+        raise ConfigError(f"{blame(where)}: {where}.distribution: {kind!r} draws {draws.__name__}s, but {name} "
+                          f"takes {want.__name__} values; use {fit}")
+    if isinstance(dist, Categorical):
+        types = {type(c) for c in dist.choices} - ({int} if want is float else set())
+        if len(types) > 1:
+            raise ConfigError(f"{blame(where)}: {where}.choices: choices mix types "
+                              f"({', '.join(sorted(t.__name__ for t in {type(c) for c in dist.choices}))}); "
+                              f"give every choice as {want.__name__ if want is not list else 'a string'}")
+    elif dist.low > dist.high:
+        raise ConfigError(f"{blame(where)}: {where}: low {dist.low} is above high {dist.high}")
+    probes = [("choices", c) for c in dist.choices] if isinstance(dist, Categorical) else [
+        ("low", dist.low), ("high", dist.high)]
+    for field, value in probes:
+        try:
+            TrialSettings(**{**defaults, name: value})
+        except ValidationError as err:
+            loc, msg = _loc(err, ("params",))
+            raise ConfigError(f"{blame(where)}: {where}.{field}: {msg}") from None
+    return dist
+
+
+def _validate_params(params: dict, blame) -> dict:
+    """Check each search-space entry and return ``{name: fixed value | Distribution}``. Fixed values are
+    checked together (``nothing to train``), and each distribution's extremes together with them."""
     out = {}
     defaults = TrialSettings().model_dump()
-    for name, spec in params.items():
+    for name in params:
         if name not in TRIAL_FIELDS:
-            raise ConfigError(f"{file}: params.{name}: unknown parameter; known: {', '.join(sorted(TRIAL_FIELDS))}")
-        if isinstance(spec, dict) and "distribution" in spec:
-            if spec["distribution"] not in DISTRIBUTIONS:
-                raise ConfigError(f"{file}: params.{name}.distribution: unknown distribution "
-                                  f"{spec['distribution']!r}; choose from {', '.join(DISTRIBUTIONS)}")
-            try:
-                dist = TypeAdapter(Distribution).validate_python(spec)
-            except ValidationError as err:
-                raise ConfigError(_fmt(err, file, ("params", name))) from None
-            if hasattr(dist, "low") and dist.low > dist.high:
-                raise ConfigError(f"{file}: params.{name}: low {dist.low} is above high {dist.high}")
-            probes = dist.choices if isinstance(dist, Categorical) else [("low", dist.low), ("high", dist.high)]
-            for probe in probes:
-                field, value = probe if isinstance(probe, tuple) else ("choices", probe)
-                try:
-                    TrialSettings(**{**defaults, name: value})
-                except ValidationError as err:
-                    raise ConfigError(_fmt(err, file, ("params",)).replace(
-                        f"params.{name}:", f"params.{name}.{field}:", 1)) from None
-            out[name] = dist
-        else:
-            try:
-                out[name] = getattr(TrialSettings(**{**defaults, name: spec}), name)
-            except ValidationError as err:
-                raise ConfigError(_fmt(err, file, ("params",))) from None
-    return out
+            raise ConfigError(f"{blame(f'params.{name}')}: params.{name}: unknown parameter; known: "
+                              f"{', '.join(sorted(TRIAL_FIELDS))}")
+    fixed = {k: v for k, v in params.items() if not (isinstance(v, dict) and "distribution" in v)}
+    for name, spec in fixed.items():
+        try:
+            out[name] = getattr(TrialSettings(**{**defaults, name: spec}), name)
+        except ValidationError as err:
+            raise ConfigError(_fmt(err, blame, ("params",))) from None
+    try:
+        TrialSettings(**{**defaults, **fixed})
+    except ValidationError as err:
+        raise ConfigError(_fmt(err, blame, ("params",))) from None
+    with_fixed = {**defaults, **out}
+    for name, spec in params.items():
+        if name not in fixed:
+            out[name] = _distribution(name, spec, blame, with_fixed)
+    return dict(sorted(out.items(), key=lambda kv: list(params).index(kv[0])))
 
 
-def _set_path(tree: dict, dotted: str, value, file: str) -> None:
-    keys = dotted.split(".")
-    if len(keys) == 1 and keys[0] in TRIAL_FIELDS:
-        keys = ["params", keys[0]]
+def _set_path(tree: dict, dotted: str, value, origin: str) -> None:
+    keys = _dotted(dotted).split(".")
     node = tree
     for k in keys[:-1]:
         if not isinstance(node.get(k, {}), dict):
-            raise ConfigError(f"{file}: --set {dotted}: {k!r} is not a section")
+            raise ConfigError(f"{origin}: {dotted}: {k!r} is not a section")
         node = node.setdefault(k, {})
     node[keys[-1]] = value
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"search.trials=4"`` -> ``("search.trials", 4)``; values are parsed as YAML."""
+def parse_override(text: str) -> tuple[str, Any, str]:
+    """``"search.trials=4"`` -> ``("search.trials", 4, "--set search.trials")``; values are parsed as YAML."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value")
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set search.trials=4")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    key = key.strip()
+    try:
+        return key, parse_value(raw) if raw.strip() else None, f"--set {key}"
+    except YamlFileError as exc:
+        raise ConfigError(f"--set {key}: {exc}") from None
 
 
-def load_study_config(path: Path | str | None = None, overrides: list[tuple[str, Any]] = ()) -> tuple[StudyConfig, dict]:
-    """Read, override and validate a search space. Returns ``(config, validated params)``."""
-    path = Path(path) if path else DEFAULT_SPACE
+def read_space(path: Path) -> dict:
+    """The raw mapping of a search-space file (duplicate keys rejected)."""
     file = str(path)
+    if path.is_dir():
+        raise ConfigError(f"{file}: is a directory, not a search space file (give a .yaml file, e.g. "
+                          f"{DEFAULT_SPACE})")
     if not path.is_file():
         raise ConfigError(f"{file}: search space file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{file}: malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raw = read_yaml(path)
+    except (YamlFileError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(exc) if isinstance(exc, YamlFileError) else f"{file}: not a text file") from None
+    if raw is None:
+        return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: expected a mapping at the top level, got {type(raw).__name__}")
-    raw = copy.deepcopy(raw)
-    for key, value in overrides:
-        _set_path(raw, key, value, file)
+    return copy.deepcopy(raw)
+
+
+def load_study_config(path: Path | str | None = None, overrides: list[Override] = ()) -> tuple[StudyConfig, dict]:
+    """Read, override and validate a search space. Returns ``(config, validated params)``.
+
+    ``overrides`` are ``(dotted key, value[, flag])``; an error in an overridden field names the flag."""
+    path = Path(path) if path else DEFAULT_SPACE
+    raw = read_space(path)
+    blame = Blame(str(path), overrides)
+    for o in overrides:
+        _set_path(raw, o[0], o[1], blame(_dotted(o[0])))
     try:
         cfg = StudyConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_fmt(err, file)) from None
-    params = _validate_params(cfg.params, file)
-    cfg.data = cfg.data.resolved(file)
+        raise ConfigError(_fmt(err, blame)) from None
+    params = _validate_params(cfg.params, blame)
+    cfg.data = cfg.data.resolved(str(path))
     if not any(isinstance(v, BaseModel) for v in params.values()):
-        raise ConfigError(f"{file}: params: nothing to search; give at least one parameter a distribution")
+        raise ConfigError(f"{blame('params')}: params: nothing to search; give at least one parameter a "
+                          f"distribution")
     return cfg, params

@@ -13,12 +13,12 @@ path, or write one inline. Every error names the spec file and the field.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..vocabulary import ROLES
@@ -26,9 +26,19 @@ from .cache import fingerprint, save_atomic, source_stamp, store_cache, touch
 from .rows import Holdout, apply_holdout, class_index, sample_rows, stratified_split
 from .sources import DataError, EmptySplitError, load_source, local_base
 from .store import ImageStore, build_store, is_store
+from .yamlfile import YamlFileError, read_yaml
 
 SPECS_DIR = Path(__file__).resolve().parent.parent / "benchmark_specs"
 Task = Literal["classification", "retrieval"]
+
+
+NAME_CHARS = r"[\w.\-]+"  # valid in MLflow metric keys and in file names on every system
+
+
+def usable_name(stem: str) -> str:
+    """A file stem as a benchmark name: runs of other characters become ``_`` (``"my set (v2)"`` ->
+    ``"my_set_v2"``)."""
+    return re.sub(r"[^\w.\-]+", "_", stem).strip("_") or "benchmark"
 
 
 class SpecError(DataError):
@@ -65,6 +75,13 @@ class BenchmarkSpec(BaseModel):
     max_undecodable_share: float = Field(0.01, ge=0, le=1, description="skip and count images that cannot be "
                                          "decoded; stop when more than this share fail")
     origin: str = Field("", description="set by the loader: the spec file (or study file and field)")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        if v and not re.fullmatch(NAME_CHARS, v):
+            raise ValueError(f"{v!r} names metric keys and cache folders: use letters, digits, '_', '-' and '.'")
+        return v
 
     @field_validator("templates")
     @classmethod
@@ -133,10 +150,10 @@ def load_spec(ref: str) -> BenchmarkSpec:
         raise SpecError(f"{ref}: no such benchmark spec; shipped specs: {', '.join(specs)} "
                         f"(or give the path of a YAML file)")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: malformed YAML: {getattr(exc, 'problem', exc)}") from None
-    return spec_from_dict(raw, str(path), path.stem)
+        raw = read_yaml(path)
+    except (YamlFileError, UnicodeDecodeError) as exc:
+        raise SpecError(str(exc) if isinstance(exc, YamlFileError) else f"{path}: not a text file") from None
+    return spec_from_dict(raw, str(path), usable_name(path.stem))
 
 
 def resolve(ref: Union[str, dict], origin: str, default_name: str) -> BenchmarkSpec:
@@ -167,7 +184,7 @@ def load_split(spec: BenchmarkSpec, cache_dir: Path, seed: int = 0, scale: float
             hint = ("; an image folder with a single class sub-folder has no label column, and zero-shot "
                     "classification needs at least 2 classes" if fld == "label_column" and
                     ds.column_names == [spec.image_column] else "")
-            raise SpecError(f"{spec.where(fld)}: column {col!r} not in split {spec.split!r} "
+            raise SpecError(f"{spec.where(fld)}: column {col!r} not in split {spec.split!r} of {spec.source} "
                             f"(columns: {ds.column_names}){hint}")
     ds = apply_holdout(ds, spec.holdout, seed)
     return sample_rows(ds, spec.max_images, seed, spec.label_column if spec.task == "classification" else None)
