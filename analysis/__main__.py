@@ -7,9 +7,12 @@ import os
 import sys
 from pathlib import Path
 
+from study.checks import Parser, check_folder, tracking_uri
+from study.config import ConfigError
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m analysis",
         description="Read a study's runs from MLflow (never re-running or changing them) and write the trial "
                     "table (CSV), the trade-off map and other plots, and a short Markdown finding. Everything is "
@@ -24,16 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    uri = args.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        print(f"error: --tracking-uri: no MLflow store at {uri}", file=sys.stderr)
-        return 2
-    from .report import run_analysis
-
+    """Exit 0 with the report written; 2 on bad input (one ``error:`` line, nothing written)."""
     try:
-        report, lines = run_analysis(uri, args.experiment, args.parent_run, args.out.resolve())
-    except LookupError as exc:
+        args = build_parser().parse_args(argv)
+        given = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        uri = tracking_uri(given, "--tracking-uri" if args.tracking_uri or not given else "MLFLOW_TRACKING_URI")
+        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+            raise ConfigError(f"--tracking-uri: no MLflow store at {uri}")
+        out = check_folder(args.out, "--out")
+        from .report import run_analysis
+
+        report, lines = run_analysis(uri, args.experiment, args.parent_run, out)
+    except (ConfigError, LookupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print("\n".join(["Finding:"] + [f"  - {s}" for s in lines] + [f"report: {report}"]))

@@ -68,7 +68,15 @@ def load_study(tracking_uri: str, experiment: str, parent_run_id: str | None = N
             raise LookupError(f"--experiment: {experiment!r} holds no sweep (parent) run")
         parent = sweeps[0]
     else:
-        parent = c.get_run(parent_run_id)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            parent = c.get_run(parent_run_id)
+        except MlflowException:
+            raise LookupError(f"--parent-run: no run {parent_run_id!r} at {tracking_uri}") from None
+        if parent.info.experiment_id != exp.experiment_id or parent.data.tags.get(KIND_TAG) != SWEEP:
+            raise LookupError(f"--parent-run: run {parent_run_id!r} is not a sweep (parent) run of experiment "
+                              f"{experiment!r}")
     pid = parent.info.run_id
     children = c.search_runs([exp.experiment_id], f"tags.`{PARENT_TAG}` = '{pid}'", max_results=50000)
     baseline = test_part(next((r.data.metrics for r in children if r.data.tags.get(KIND_TAG) == BASELINE), {}))

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from .checks import Parser, check_folder, positive_int
+from .config import ConfigError
 from .library.benchmarks import SpecError, decode, load_spec, shipped_specs
 from .library.models import OFFLINE_MODEL, ModelError, check_model, load_base_model
 from .library.sources import DataError
@@ -28,7 +30,7 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m study.evaluate", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Zero-shot classification (top-1, top-5, balanced accuracy, per-class recall, 95% bootstrap "
                     "intervals) and image-text retrieval (recall@1/5/10 both ways) of an open_clip model on "
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", action="append", required=True, metavar="SPEC",
                    help="a shipped spec name or a spec YAML path; repeatable")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (default: cpu)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass (default: 256)")
     p.add_argument("--cache-dir", type=Path,
                    default=Path(os.environ.get("CLIP_STUDY_CACHE", Path.home() / ".cache" / "clip-study")),
                    help="cache of generated domains and the offline base model (env CLIP_STUDY_CACHE)")
@@ -69,19 +71,50 @@ def evaluate_specs(model_name: str, pretrained: str | None, specs, cache_dir: Pa
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def check_device(name: str) -> str:
+    """A torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``); :class:`ConfigError` if not."""
+    import torch
+
     try:
-        if not 0 < args.offline_scale <= 1:
-            raise SpecError(f"--offline-scale: must be in (0, 1], got {args.offline_scale}")
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device: {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device: {name!r}, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device: {name!r}, but MPS is not available here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device: {name!r}: use cpu, cuda[:N] or mps")
+    return name
+
+
+def check_args(args) -> None:
+    """Everything about the flags that can be known before loading anything."""
+    if not 0 < args.offline_scale <= 1:
+        raise ConfigError(f"--offline-scale: must be in (0, 1], got {args.offline_scale}")
+    check_device(args.device)
+    check_folder(args.cache_dir, "--cache-dir")
+    if args.json is not None:
+        if args.json.is_dir():
+            raise ConfigError(f"--json: {args.json} is a folder; give a file name, e.g. {args.json / 'results.json'}")
+        check_folder(args.json.absolute().parent, "--json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        check_args(args)
         specs = [load_spec(ref) for ref in args.benchmark]
         pretrained = resolve_weights(args.model, args.pretrained, args.cache_dir.resolve())
         t0 = time.time()
         metrics = evaluate_specs(args.model, pretrained, specs, args.cache_dir.resolve(), args.device,
                                  args.batch_size, args.data_seed, args.offline_scale)
-    except (SpecError, DataError, ModelError, OSError) as exc:
+    except (ConfigError, SpecError, DataError, ModelError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     print(f"{args.model} ({pretrained or 'random init'}), {time.time() - t0:.1f}s")
     for spec in specs:
         m = {k.removeprefix(f"{spec.name}_"): v for k, v in metrics.items() if k.startswith(f"{spec.name}_")}
@@ -95,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{m['t2i_recall_at_5']:.2%} / {m['t2i_recall_at_10']:.2%}")
         print(line + f"  ({int(m['images'])} images)")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": args.model, "pretrained": pretrained, "metrics": metrics}, indent=2))
     return 0
 

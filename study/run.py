@@ -12,15 +12,15 @@ import os
 import sys
 from pathlib import Path
 
-from .config import SPACES_DIR, ConfigError, load_study_config, parse_override
+from .checks import Parser, count_or_auto, positive_int
+from .config import SPACES_DIR, Blame, ConfigError, load_study_config, parse_override
 from .library.models import ModelError
 from .library.sources import DataError
 
-SMOKE_OVERRIDES = [  # the tiniest real study: 2 trials, one short epoch, tiny data and base model
+SMOKE_OVERRIDES = [(k, v, "--smoke-test") for k, v in (  # the tiniest real study: 2 trials, one short epoch
     ("search.trials", 2), ("search.max_concurrent", 2), ("params.epochs", 1), ("params.batch_size", 32),
     ("data.offline_scale", 0.1), ("model.pretrain.steps", 60), ("model.pretrain.data_scale", 0.1),
-    ("model.pretrain.batch_size", 128),
-]
+    ("model.pretrain.batch_size", 128))]
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -45,7 +45,7 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m study.run",
         description="Fine-tune the image-text alignment module (LoRA adapters, projection heads, temperature) of a "
                     "CLIP model on a domain dataset, searching hyperparameters with Ray Tune + Optuna over Ray Train "
@@ -56,10 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the space, e.g. --set search.trials=4, --set lora_rank=8 "
                         "(a bare parameter name fixes it), --set params.learning_rate.high=0.1; repeatable")
-    p.add_argument("--trials", type=int, help="number of trials (same as --set search.trials=N)")
-    p.add_argument("--max-concurrent", type=int, help="trials running at once")
-    p.add_argument("--workers", type=int, help="Ray Train workers per trial (DDP; gloo on CPU, nccl on GPU)")
-    p.add_argument("--seeds", type=int, metavar="N",
+    p.add_argument("--trials", type=positive_int, help="number of trials (same as --set search.trials=N); with "
+                   "--resume, a larger number extends the sweep")
+    p.add_argument("--max-concurrent", type=count_or_auto, metavar="N|auto",
+                   help="trials running at once; auto: as many as the free CPUs/GPUs hold")
+    p.add_argument("--workers", type=positive_int,
+                   help="Ray Train workers per trial (DDP; gloo on CPU, nccl on GPU)")
+    p.add_argument("--seeds", type=positive_int, metavar="N",
                    help="after the sweep, rerun the best configurations until each has N seeds and report mean +/- "
                         "sd (same as --set search.replicate_seeds=N); the sweep trial counts as the first seed")
     p.add_argument("--replicate-top", metavar="K|all",
@@ -71,20 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue this study's last interrupted sweep: finished trials are kept, unfinished ones "
                         "resume from their checkpoints, each trial keeps its one MLflow run")
-    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+    p.add_argument("--tracking-uri",
                    help="MLflow tracking URI (env MLFLOW_TRACKING_URI); default: sqlite:///mlflow.db in the current "
                         "directory, MLflow's own embedded store")
     p.add_argument("--output-dir", type=Path, default=Path("outputs"),
                    help="Ray Tune/Train storage (checkpoints, experiment state) and sweep state; on a cluster, "
                         "a shared path or s3:// URI is set with --storage-path")
-    p.add_argument("--storage-path", default=os.environ.get("CLIP_STUDY_STORAGE_PATH"),
+    p.add_argument("--storage-path",
                    help="Ray storage_path for checkpoints and sweep state, shared by all nodes (e.g. "
                         "s3://bucket/prefix on a cluster; env CLIP_STUDY_STORAGE_PATH); default: under --output-dir")
     p.add_argument("--cache-dir", type=Path,
                    default=Path(os.environ.get("CLIP_STUDY_CACHE", Path.home() / ".cache" / "clip-study")),
                    help="where the generated domains, the pretrained offline base model and the decoded image "
                         "stores (<cache>/stores, bounded by data.cache_max_gb) are cached (env CLIP_STUDY_CACHE)")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+    p.add_argument("--address",
                    help="Ray cluster address (env RAY_ADDRESS); default: start a local Ray")
     return p
 
@@ -95,38 +98,58 @@ def config_from_args(args):
         overrides = SMOKE_OVERRIDES + overrides
     top = args.replicate_top
     if top is not None:
-        top = None if top == "all" else parse_override(f"x={top}")[1]
-        overrides.append(("search.replicate_top", top))
-    for flag, key in ((args.trials, "search.trials"), (args.max_concurrent, "search.max_concurrent"),
-                      (args.workers, "resources.workers_per_trial"), (args.name, "name"),
-                      (args.seeds, "search.replicate_seeds")):
-        if flag is not None:
-            overrides.append((key, flag))
-    return load_study_config(args.space, overrides)
+        if top != "all" and not (top.isdigit() and int(top) >= 1):
+            raise ConfigError(f"--replicate-top: expected an integer >= 1 or 'all', got {top!r}")
+        overrides.append(("search.replicate_top", None if top == "all" else int(top), "--replicate-top"))
+    for flag, key, value in (("--trials", "search.trials", args.trials),
+                             ("--max-concurrent", "search.max_concurrent", args.max_concurrent),
+                             ("--workers", "resources.workers_per_trial", args.workers), ("--name", "name", args.name),
+                             ("--seeds", "search.replicate_seeds", args.seeds)):
+        if value is not None:
+            overrides.append((key, value, flag))
+    return (*load_study_config(args.space, overrides), Blame(str(args.space), overrides))
+
+
+def _given(value, env: str) -> tuple:
+    """A flag's value, else its environment variable's: ``(value, the name to blame)``."""
+    return (value, None) if value else (os.environ.get(env) or None, env)
 
 
 def options_from_args(args):
     """The run's typed options (the one place the argparse namespace is read below ``main``)."""
     from .orchestration.study import RunOptions
 
-    return RunOptions(output_dir=args.output_dir.resolve(), cache_dir=args.cache_dir.resolve(),
-                      tracking_uri=args.tracking_uri, storage_path=args.storage_path, address=args.address,
-                      resume=args.resume)
+    uri, env = _given(args.tracking_uri, "MLFLOW_TRACKING_URI")
+    return RunOptions(output_dir=args.output_dir.resolve(), cache_dir=args.cache_dir.expanduser().absolute(),
+                      tracking_uri=uri, storage_path=_given(args.storage_path, "CLIP_STUDY_STORAGE_PATH")[0],
+                      address=_given(args.address, "RAY_ADDRESS")[0], resume=args.resume,
+                      tracking_flag=env if uri and env else "--tracking-uri")
+
+
+def checked(args):
+    """Everything before the sweep: the config, the preflight, the inputs and the baseline. Raises on bad
+    input; returns ``(config, params, prepared, options)``."""
+    from .orchestration.preflight import preflight
+    from .orchestration.prepare import prepare
+
+    cfg, params, blame = config_from_args(args)
+    opts = options_from_args(args)
+    state = opts.saved_state(cfg.name) if opts.resume else None
+    opts = preflight(cfg, blame, opts, state)
+    return cfg, params, prepare(cfg, opts.cache_dir), opts
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit codes: 0 the sweep finished with at least one trial; 1 every trial failed; 2 bad input (one
+    ``error:`` line, nothing started or written); 130 interrupted (continue with ``--resume``)."""
     try:
-        cfg, params = config_from_args(args)
-        opts = options_from_args(args)
-        if opts.resume and not opts.state_file(cfg.name).exists():
-            raise ConfigError(f"--resume: no sweep of study {cfg.name!r} under {args.output_dir} to resume")
-        from .orchestration.prepare import prepare
-
-        prepared = prepare(cfg, opts.cache_dir)
-    except (ConfigError, DataError, ModelError, OSError) as exc:  # each names the file and field at fault
+        cfg, params, prepared, opts = checked(build_parser().parse_args(argv))
+    except (ConfigError, DataError, ModelError, OSError) as exc:  # each names the file or flag and the field at fault
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("[study] interrupted before the sweep started; nothing was recorded", file=sys.stderr)
+        return 130
     from .orchestration.study import run_study
 
     return run_study(cfg, params, prepared, opts)

@@ -26,7 +26,7 @@ def load_finetune_split(spec, data, cache_dir: Path, where="data.finetune"):
     ds = load_source(spec.source, spec.split, cache_dir=cache_dir, seed=data.seed, scale=data.offline_scale,
                      csv_separator=spec.csv_separator, where=f"{where}.source")
     text = {"label_column": spec.label_column} if spec.label_column else {"caption_column": spec.caption_column}
-    require_columns(ds, {"image_column": spec.image_column, **text}, where)
+    require_columns(ds, {"image_column": spec.image_column, **text}, where, spec.source)
     return apply_holdout(ds, spec.holdout, data.seed)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,10 @@ def check_model(name: str, pretrained: str | None, where: str = "model") -> None
         raise ModelError(f"{where}.pretrained: unknown tag {pretrained!r} for {name!r}; tags: {tags}")
 
 
+def _no_errors(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
@@ -87,14 +92,32 @@ def load_base_model(name: str, pretrained: str | None, device="cpu", trainable: 
     root = logging.getLogger()
     saved = root.level
     root.setLevel(logging.ERROR if pretrained is None and name == OFFLINE_MODEL else logging.WARNING)
+    root.addFilter(_no_errors)  # a failed load is reported once, as a ModelError, not also as a log record
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device, weights_only=True)
         tokenizer = open_clip.get_tokenizer(name)
+    except (RuntimeError, OSError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as exc:
+        raise ModelError(load_failure(name, pretrained, exc)) from None
     finally:
         root.setLevel(saved)
+        root.removeFilter(_no_errors)
     model.requires_grad_(trainable)
     return LoadedModel(model, preprocess, tokenizer)
+
+
+def load_failure(name: str, pretrained: str | None, exc: BaseException) -> str:
+    """One line on why open_clip could not build ``name`` with ``pretrained``: a file that is not a
+    state dict of that architecture, or weights that cannot be downloaded (offline, unknown repo)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+    first = next((ln for ln in lines if ln.startswith(("Missing key", "Unexpected key", "size mismatch"))), lines[0])
+    if pretrained and Path(pretrained).expanduser().is_file():
+        why = ("not a PyTorch checkpoint that loads with weights_only=True" if isinstance(
+            exc, (pickle.UnpicklingError, EOFError)) else f"{type(exc).__name__}: {first[:200]}")
+        return f"model.pretrained: checkpoint {pretrained!r} does not load into {name!r}: {why}"
+    what = f"model.name: {name!r}" if name.startswith("hf-hub:") else f"model.pretrained: tag {pretrained!r} of {name!r}"
+    return (f"{what}: the weights cannot be loaded (downloads need the network, or a copy in the Hugging Face "
+            f"cache): {type(exc).__name__}: {first[:300]}")
 
 
 def model_config(name: str) -> dict:

@@ -176,10 +176,11 @@ def local_base(source: str | None) -> Path | None:
     return path if path.is_dir() else path.parent
 
 
-def require_columns(ds, columns: dict[str, str], where: str) -> None:
-    """Raise DataError unless every ``{field: column}`` exists in ``ds``."""
+def require_columns(ds, columns: dict[str, str], where: str, source: str = "dataset") -> None:
+    """Raise DataError unless every ``{field: column}`` exists in ``ds``; the message names the field and
+    ``source`` (the data file, folder or Hub id)."""
     for field, col in columns.items():
         if col not in ds.column_names:
-            raise DataError(f"{where}.{field}: column {col!r} not in dataset (columns: {ds.column_names})")
+            raise DataError(f"{where}.{field}: column {col!r} not in {source} (columns: {ds.column_names})")
     if len(ds) == 0:
         raise DataError(f"{where}: the split is empty")

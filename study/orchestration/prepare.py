@@ -36,8 +36,7 @@ class Prepared:
 
 
 def check_inputs(cfg: StudyConfig, cache_dir: Path) -> int:
-    """Validate model and data (paths, splits, columns, class names). Returns fine-tuning pairs."""
-    check_model(cfg.model.name, cfg.model.pretrained)
+    """Validate the data (paths, splits, columns, class names). Returns fine-tuning pairs."""
     ds = load_finetune_split(cfg.data.finetune, cfg.data, cache_dir)
     finetune_captions(cfg.data.finetune, ds, cfg.data.seed)  # labels without class names stop us here
     check_benchmarks(cfg.data, cache_dir)
@@ -47,10 +46,11 @@ def check_inputs(cfg: StudyConfig, cache_dir: Path) -> int:
 def prepare(cfg: StudyConfig, cache_dir: Path) -> Prepared:
     """Check inputs, resolve the base model and evaluate it (the baseline) on every benchmark."""
     t0 = time.time()
+    check_model(cfg.model.name, cfg.model.pretrained)
     check_inputs(cfg, cache_dir)
     pretrained = resolve_weights(cfg.model, cache_dir)
     torch.manual_seed(0)
-    lm = load_base_model(cfg.model.name, pretrained)
+    lm = load_base_model(cfg.model.name, pretrained)  # weights that do not fit the architecture stop us here
     ft = decoded_finetune(cfg.data.finetune, cfg.data, cache_dir, lm.preprocess)  # undecodable images stop us here
     if ft["skipped"] or ft["no_caption"]:
         print(f"[data] data.finetune: {len(ft['store'])} of {ft['rows']} rows used; skipped {ft['skipped']} images "

@@ -26,11 +26,6 @@ PACKAGES = ("torch", "torchvision", "open_clip_torch", "peft", "ray", "optuna", 
 PROJECT_DIR = Path(__file__).resolve().parent.parent.parent
 
 
-def default_tracking_uri() -> str:
-    """MLflow's own embedded store (``sqlite:///mlflow.db``), made absolute for Ray workers."""
-    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in PACKAGES:
