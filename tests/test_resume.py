@@ -57,9 +57,11 @@ def _stop_after_first_trial(cwd: Path, cache: Path, sig: int) -> int:
 def test_interrupted_sweep_resumes_without_duplicates(tmp_path, smoke_cache, sig):
     code = _stop_after_first_trial(tmp_path, smoke_cache, sig)
     assert code != 0, "an interrupted sweep must not report success"
-    if sig == signal.SIGINT:
-        assert "--resume" in (tmp_path / "first.log").read_text()
     c, runs = mlflow_runs(tmp_path)
+    if sig == signal.SIGINT:  # a Ctrl-C is a clean exit: 130, and the sweep's run closed as KILLED, with why
+        assert code == 130 and "--resume" in (tmp_path / "first.log").read_text()
+        parent = next(r for r in runs if r.data.tags.get("study.kind") == "sweep")
+        assert parent.info.status == "KILLED" and "--resume" in parent.data.tags["study.failure_reason"]
     done_before = {r.data.tags["study.trial_id"]: r for r in runs
                    if r.data.tags.get("study.kind") == "trial" and r.data.tags["study.status"] == "FINISHED"}
     assert len(done_before) == 1
@@ -71,6 +73,9 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, smoke_cache, sig
     c, runs = mlflow_runs(tmp_path)
     assert [r.data.tags["study.kind"] for r in runs].count("sweep") == 1
     assert [r.data.tags["study.kind"] for r in runs].count("baseline") == 1
+    assert all(r.info.status != "RUNNING" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    parent = next(r for r in runs if r.data.tags.get("study.kind") == "sweep")
+    assert parent.info.status == "FINISHED" and "study.failure_reason" not in parent.data.tags
     # A run whose trial Tune never saved (killed between sampling and saving) is kept but
     # marked ORPHANED; every trial of the sweep has exactly one run.
     orphans = [r for r in runs if r.data.tags.get("study.status") == "ORPHANED"]

@@ -17,14 +17,14 @@ from typing import Optional
 
 import yaml
 
-from ..config import StudyConfig
+from ..config import ConfigError, StudyConfig
 from ..selection import holm
-from ..vocabulary import (OVERLAP_METRIC, TRANSFER_NOTE_TAG, TRANSFER_TAG, BASELINE, COLLAPSED_TAG, DONE, GENERAL_TOP1, KIND_TAG, PARENT_TAG, REPLICATED, ROLES,
-                          SPECIALIZED_TOP1, SWEEP, SWEEP_TAG, TEST, UNFINISHED, VAL, key)
+from ..vocabulary import (FAILURE_TAG, OVERLAP_METRIC, TRANSFER_NOTE_TAG, TRANSFER_TAG, BASELINE, COLLAPSED_TAG, DONE, GENERAL_TOP1, KIND_TAG, PARENT_TAG, REPLICATED, ROLES,
+                          SPECIALIZED_TOP1, SWEEP, SWEEP_TAG, TEST, UNFINISHED, VAL, ERROR, key)
 from . import tracking
 from .prepare import Prepared
 from .replicates import format_spreads, pick_best, replicate_configs, spread_metrics, spreads
-from .summary import TrialOutcome, format_summary
+from .summary import TrialOutcome, failure_counts, format_summary
 from .trial import SweepContext
 from .tuner import collect, make_replicate_tuner, make_tuner, restorable, run_sweep, split_space, sweep_path
 from .worker import WorkerJob
@@ -40,10 +40,26 @@ class RunOptions:
     storage_path: Optional[str] = None  # Ray storage shared by all nodes; None: under output_dir
     address: Optional[str] = None       # Ray cluster address; None: start a local Ray
     resume: bool = False
+    tracking_flag: str = "--tracking-uri"  # where the tracking URI came from (a flag or MLFLOW_TRACKING_URI)
 
     def state_file(self, study: str) -> Path:
         """The sweep's own small state (ids of its runs, its Tune storage), for ``--resume``."""
         return self.output_dir / study / "sweep.json"
+
+    def saved_state(self, study: str) -> Optional[dict]:
+        """The state of the sweep ``--resume`` continues; None when no sweep was ever started here (an
+        interrupt during the baseline leaves none); :class:`ConfigError` when the state is unreadable."""
+        path = self.state_file(study)
+        if not path.exists():
+            return None
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--resume: {path}: unreadable sweep state ({exc})") from None
+        missing = {"sweep", "storage", "tracking_uri", "parent_run_id", "experiment_id"} - set(state)
+        if missing:
+            raise ConfigError(f"--resume: {path}: sweep state lacks {', '.join(sorted(missing))}")
+        return state
 
 
 def start_sweep_runs(cfg: StudyConfig, prepared: Prepared, tracking_uri: str, sweep_name: str) -> dict:
@@ -53,6 +69,17 @@ def start_sweep_runs(cfg: StudyConfig, prepared: Prepared, tracking_uri: str, sw
     tags = {KIND_TAG: SWEEP, SWEEP_TAG: sweep_name, TRANSFER_TAG: "in-distribution" if prepared.transfer else "zero-shot",
             **({TRANSFER_NOTE_TAG: prepared.transfer} if prepared.transfer else {}), **tracking.provenance_tags()}
     parent = c.create_run(exp_id, tags=tags, run_name=sweep_name).info.run_id
+    try:
+        baseline = record_sweep_start(c, exp_id, parent, cfg, prepared)
+    except BaseException as exc:  # the sweep never started: close what was opened, then fail as before
+        close_sweep({"tracking_uri": tracking_uri, "parent_run_id": parent, "experiment_id": exp_id},
+                    130 if isinstance(exc, KeyboardInterrupt) else 1, f"{type(exc).__name__}: {exc}")
+        raise
+    return {"experiment_id": exp_id, "parent_run_id": parent, "baseline_run_id": baseline}
+
+
+def record_sweep_start(c, exp_id: str, parent: str, cfg: StudyConfig, prepared: Prepared) -> str:
+    """The parent run's params and artifacts, and the baseline run (closed); returns the baseline's run id."""
     tracking.log_params(c, parent, {"search.trials": str(cfg.search.trials),
                                     "evaluation.headline": cfg.evaluation.headline,
                                     "search.objective": ",".join(f"{o.metric}:{o.mode}" for o in cfg.search.objective),
@@ -74,30 +101,43 @@ def start_sweep_runs(cfg: StudyConfig, prepared: Prepared, tracking_uri: str, sw
     for bench, (matrix, classnames) in prepared.baseline_confusions.items():
         tracking.log_confusion(c, baseline, bench, matrix, classnames)
     c.set_terminated(baseline)
-    return {"experiment_id": exp_id, "parent_run_id": parent, "baseline_run_id": baseline}
+    return baseline
 
 
 def open_sweep(cfg: StudyConfig, prepared: Prepared, opts: RunOptions) -> dict | None:
     """A new sweep (parent and baseline runs written, state saved), or the interrupted one to resume;
     None (after one error line) when there is nothing to resume."""
     state_file = opts.state_file(cfg.name)
-    if opts.resume:
-        state = json.loads(state_file.read_text())
-        state["tracking_uri"] = opts.tracking_uri or state["tracking_uri"]  # where the sweep's runs already are
+    state = opts.saved_state(cfg.name) if opts.resume else None
+    if opts.resume and state is None:
+        print(f"[study] --resume: no sweep of study {cfg.name!r} was started under {opts.output_dir}; "
+              f"starting a new one", flush=True)
+    if state is not None:
+        state["tracking_uri"] = opts.tracking_uri  # the preflight's: the saved one unless a flag moved the store
         if not restorable(state["storage"], state["sweep"]):
             print(f"error: --resume: no restorable Tune state at {sweep_path(state['storage'], state['sweep'])}",
                   file=sys.stderr)
             return None
         print(f"[study] resuming sweep {state['sweep']} (parent run {state['parent_run_id']})", flush=True)
+        reopen(state)
         return state
     sweep_name = time.strftime("sweep-%Y%m%d-%H%M%S")
-    tracking_uri = opts.tracking_uri or tracking.default_tracking_uri()
+    tracking_uri = opts.tracking_uri  # checked and made absolute by the preflight
     state = {"sweep": sweep_name, "tracking_uri": tracking_uri,
              "storage": opts.storage_path or str(opts.output_dir / cfg.name / "ray"), "baseline": prepared.baseline,
              **start_sweep_runs(cfg, prepared, tracking_uri, sweep_name)}
     state_file.parent.mkdir(parents=True, exist_ok=True)
     state_file.write_text(json.dumps(state, indent=2))
     return state
+
+
+def reopen(state: dict) -> None:
+    """Mark a resumed sweep's parent run RUNNING again (an interruption closed it as KILLED)."""
+    c = tracking.client(state["tracking_uri"])
+    if c.get_run(state["parent_run_id"]).info.status != "RUNNING":
+        c.update_run(state["parent_run_id"], status="RUNNING")
+    if FAILURE_TAG in c.get_run(state["parent_run_id"]).data.tags:
+        c.delete_tag(state["parent_run_id"], FAILURE_TAG)
 
 
 def sweep_context(cfg: StudyConfig, fixed: dict, prepared: Prepared, opts: RunOptions, state: dict) -> SweepContext:
@@ -115,10 +155,32 @@ def sweep_context(cfg: StudyConfig, fixed: dict, prepared: Prepared, opts: RunOp
 
 
 def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, opts: RunOptions) -> int:
-    """Run (or resume) one sweep of ``cfg`` and report it; returns the process exit code."""
+    """Run (or resume) one sweep of ``cfg`` and report it. Returns the exit code: 0 at least one trial
+    finished, 1 every trial failed (or the sweep itself broke), 130 interrupted. Whatever happens, the parent
+    run is closed (FINISHED, FAILED or KILLED, with a reason tag), never left RUNNING."""
     state = open_sweep(cfg, prepared, opts)
     if state is None:
         return 2
+    try:
+        code, reason = sweep_and_report(cfg, params, prepared, opts, state)
+    except KeyboardInterrupt:
+        code, reason = 130, INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - any failure must still close the parent run
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"[study] the sweep failed: {type(exc).__name__}: {first}", file=sys.stderr, flush=True)
+        code, reason = 1, f"{type(exc).__name__}: {str(exc)[:4000]}"
+    if code == 130:
+        print("[study] interrupted; continue this sweep with the same command plus --resume", flush=True)
+    close_sweep(state, code, reason)
+    return code
+
+
+INTERRUPTED = "interrupted; continue with the same command plus --resume"
+
+
+def sweep_and_report(cfg: StudyConfig, params: dict, prepared: Prepared, opts: RunOptions,
+                     state: dict) -> tuple[int, str]:
+    """The sweep (all its parts), the replicates, the summary and the analysis: ``(exit code, reason)``."""
     b = state["baseline"]
     print(f"[study] baseline zero-shot top-1 (validation part): specialized {b[key(VAL, SPECIALIZED_TOP1)]:.1%}, "
           f"general {b[key(VAL, GENERAL_TOP1)]:.1%}", flush=True)
@@ -130,27 +192,67 @@ def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, opts: RunOptio
     # A trial stopped early is blocked inside TorchTrainer.fit(), so a graceful stop never returns; kill its
     # actor after a few seconds (Tune waits 600 s by default), which ends its Train run and frees its workers.
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "5")
-    results = run_sweep(lambda: make_tuner(cfg, params, context, state["storage"], state["sweep"], opts.resume),
-                        opts.address)
-    rows = collect(results, fixed)
+    rows = sweep_parts(cfg, params, context, state, opts)
     close_stray_runs(state, rows)
-    unfinished = [r for r in rows if r.status == UNFINISHED]
-    if unfinished or len(rows) < cfg.search.trials:
-        print(f"[study] sweep stopped with {len(unfinished)} unfinished trial(s); continue it with the same "
-              f"command plus --resume", flush=True)
-        return 130
+    if any(r.status == UNFINISHED for r in rows) or len(rows) < cfg.search.trials:
+        return 130, INTERRUPTED
+    done = [r for r in rows if r.status == DONE]
     spread_lines = []
-    if cfg.search.replicate_seeds > 1:
+    if done and cfg.search.replicate_seeds > 1:
         spread = run_replicates(cfg, rows, context, state, opts)
         if spread is None:
-            return 130
+            return 130, INTERRUPTED
         spread_lines = format_spreads(spread, state["baseline"])
     adjusted = annotate_trials(state, rows)
-    tracking.client(state["tracking_uri"]).set_terminated(state["parent_run_id"])
     print(format_summary(rows, state["baseline"], cfg, state["tracking_uri"], state["parent_run_id"], spread_lines,
                          adjusted, prepared.transfer), flush=True)
+    if not done:
+        return 1, f"all {len(rows)} trials failed: {failure_counts([r for r in rows if r.status == ERROR])}"
     analyse(state["tracking_uri"], cfg.name, state["parent_run_id"], opts.output_dir)
-    return 0
+    return 0, ""
+
+
+def sweep_parts(cfg: StudyConfig, params: dict, context: SweepContext, state: dict,
+                opts: RunOptions) -> list[TrialOutcome]:
+    """Run (or restore) each Tune experiment of the sweep, then, when ``--resume`` asks for more trials than
+    the sweep has, one more part with the missing trials, its sampler told the trials so far."""
+    fixed = context.fixed
+    rows: list[TrialOutcome] = []
+    for name in state.setdefault("parts", [state["sweep"]]):
+        restore = opts.resume and restorable(state["storage"], name)
+        results = run_sweep(lambda: make_tuner(cfg, params, context, state["storage"], name, restore,
+                                               state.get("part_trials", {}).get(name), rows), opts.address)
+        rows += collect(results, fixed)
+    missing = cfg.search.trials - len(rows)
+    if missing <= 0 or any(r.status == UNFINISHED for r in rows):
+        return rows
+    name = f"{state['sweep']}-more{len(state['parts'])}"
+    print(f"[study] extending the sweep from {len(rows)} to {cfg.search.trials} trials ({name})", flush=True)
+    state["parts"].append(name)
+    state.setdefault("part_trials", {})[name] = missing
+    opts.state_file(cfg.name).write_text(json.dumps(state, indent=2))
+    results = run_sweep(lambda: make_tuner(cfg, params, context, state["storage"], name, False, missing, rows),
+                        opts.address)
+    return rows + collect(results, fixed)
+
+
+def close_sweep(state: dict, code: int, reason: str) -> None:
+    """Close the parent run (and the baseline, should it still be open): FINISHED for exit 0, KILLED for an
+    interruption, else FAILED, with the reason in ``study.failure_reason``. A tracking store that is down
+    now only costs a warning: ``--resume`` closes the runs later."""
+    status = {0: "FINISHED", 130: "KILLED"}.get(code, "FAILED")
+    try:
+        c = tracking.client(state["tracking_uri"])
+        baselines = c.search_runs([state["experiment_id"]], f"tags.`{PARENT_TAG}` = '{state['parent_run_id']}' "
+                                  f"and tags.`{KIND_TAG}` = '{BASELINE}' and attributes.status = 'RUNNING'")
+        for run_id in [state["parent_run_id"]] + [r.info.run_id for r in baselines]:
+            if c.get_run(run_id).info.status == "RUNNING":
+                if reason:
+                    c.set_tag(run_id, FAILURE_TAG, reason[:5000])
+                c.set_terminated(run_id, status=status)
+    except Exception as exc:  # noqa: BLE001 - closing must never hide the sweep's own outcome
+        print(f"[study] warning: could not close the parent run {state['parent_run_id']} as {status} "
+              f"({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr, flush=True)
 
 
 def annotate_trials(state: dict, rows: list[TrialOutcome]) -> dict[str, float]:

@@ -7,7 +7,8 @@ printed for it is measured on the test part.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Optional
 
 from ..config import StudyConfig
@@ -27,6 +28,7 @@ class TrialOutcome:
     metrics: dict
     error: str = ""
     replicate_of: Optional[str] = None  # for a seed replicate: the sweep trial it reruns
+    config: dict = field(default_factory=dict)  # the knob values Tune sampled for it (searched knobs only)
 
 
 def records(rows: list[TrialOutcome]) -> list[tuple[str, dict]]:
@@ -42,6 +44,11 @@ def choose(rows: list[TrialOutcome], cfg: StudyConfig) -> Optional[TrialOutcome]
     return next((r for r in rows if r.trial_id == tid), None)
 
 
+def failure_counts(failed: list[TrialOutcome]) -> str:
+    """``"2 x NonFiniteLossError: loss became nan; 1 x OutOfMemoryError: ..."``, most frequent first."""
+    return "; ".join(f"{n} x {reason or 'unknown'}" for reason, n in Counter(r.error for r in failed).most_common())
+
+
 def format_summary(rows: list[TrialOutcome], baseline: dict, cfg: StudyConfig, tracking_uri: str,
                    parent_run_id: str, extra: list[str] = (), adjusted: dict | None = None, transfer: str = "") -> str:
     """The end-of-run answer; ``adjusted``: Holm-adjusted p-values by trial id; ``extra`` lines (e.g. the seed
@@ -53,6 +60,7 @@ def format_summary(rows: list[TrialOutcome], baseline: dict, cfg: StudyConfig, t
              f"trials: {len(done)} finished, {len(failed)} failed, {len(rows) - len(done) - len(failed)} unfinished",
              f"chosen on validation ({first.metric}, {first.mode}); every number below is on the test part"]
     lines += [f"  failed {r.trial_id}: {r.error}" for r in failed]
+    lines += [f"failure reasons: {failure_counts(failed)}"] if failed else []
     lines += [f"NOTE: {transfer}"] if transfer else []
     lines += baseline_lines(baseline)
     collapsed = [r.trial_id for r in done if r.metrics.get(key(TEST, "specialized_collapsed"), 0) >= 1]

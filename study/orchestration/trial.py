@@ -10,6 +10,7 @@ restored trial resumes from its own checkpoints. Results reach Tune through
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict
@@ -101,11 +102,12 @@ def scaling_config(ctx: SweepContext):
 
 
 def failure_reason(exc: BaseException) -> str:
-    """The innermost worker error, one line, e.g. 'NonFiniteLossError: loss became nan ...'."""
+    """The innermost worker error, one line, without its module path, e.g. 'NonFiniteLossError: loss became
+    nan ...'."""
     text = str(exc)
     for line in reversed(text.splitlines()):
         if "Error:" in line and not line.startswith(" "):
-            return line.strip()
+            return re.sub(r"^[\w.]+\.(\w+:)", r"\1", line.strip())  # "study.library.objective.X: ..." -> "X: ..."
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 

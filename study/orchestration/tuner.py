@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..config import Categorical, IntRange, LogUniform, QUniform, StudyConfig, Uniform
 from ..settings import TrialSettings
-from ..vocabulary import DONE, ERROR, GENERAL_TOP1, SPECIALIZED_TOP1, TRAIN_METRICS, UNFINISHED, VAL, key
+from ..vocabulary import DONE, ERROR, GENERAL_TOP1, SPECIALIZED_TOP1, TEST, TRAIN_METRICS, UNFINISHED, VAL, key
 from .summary import TrialOutcome
 from .trial import REPLICATE_GRID, SweepContext, driver_trainable, failure_reason, trial_settings
 
@@ -76,25 +76,33 @@ def sweep_path(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}"
 
 
-def searcher(cfg: StudyConfig, name: str):
-    """OptunaSearch: TPE for one objective, NSGA-II for a Pareto search; optionally stored for optuna-dashboard."""
+def searcher(cfg: StudyConfig, name: str, seen: list[TrialOutcome] = ()):
+    """OptunaSearch: TPE for one objective, NSGA-II for a Pareto search; optionally stored for optuna-dashboard.
+    ``seen``: trials of the sweep's earlier parts (``--resume`` with more ``--trials``), told to the sampler
+    as evaluated points so that the extension continues the search instead of restarting it."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     metrics = [key(VAL, o.metric) for o in cfg.search.objective]  # the search never sees a test number
     modes = [o.mode for o in cfg.search.objective]
-    sampler = (optuna.samplers.NSGAIISampler(seed=cfg.search.seed) if cfg.multi_objective
-               else optuna.samplers.TPESampler(seed=cfg.search.seed, n_startup_trials=min(4, cfg.search.trials)))
+    seed = cfg.search.seed + len(seen)  # an extension's sampler must not redraw the first part's random starts
+    sampler = (optuna.samplers.NSGAIISampler(seed=seed) if cfg.multi_objective
+               else optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(4, cfg.search.trials)))
     storage_url = cfg.search.optuna_storage or os.environ.get("OPTUNA_STORAGE")
+    told = [r for r in seen if r.config and all(m in r.metrics for m in metrics)]
+    rewards = [[r.metrics[m] for m in metrics] if cfg.multi_objective else r.metrics[metrics[0]] for r in told]
     # OptunaSearch owns metric and mode (for multi-objective search TuneConfig must not set them).
     return OptunaSearch(metric=metrics if cfg.multi_objective else metrics[0],
                         mode=modes if cfg.multi_objective else modes[0], sampler=sampler,
+                        points_to_evaluate=[r.config for r in told] or None, evaluated_rewards=rewards or None,
                         storage=optuna.storages.RDBStorage(storage_url) if storage_url else None,
                         study_name=f"{cfg.name}/{name}" if storage_url else None)
 
 
-def make_tuner(cfg: StudyConfig, params: dict, context: SweepContext, storage: str, name: str, resume: bool):
-    """A new ``Tuner`` for the sweep, or the restored one when ``resume`` is set."""
+def make_tuner(cfg: StudyConfig, params: dict, context: SweepContext, storage: str, name: str, resume: bool,
+               samples: int | None = None, seen: list[TrialOutcome] = ()):
+    """A new ``Tuner`` for (a part of) the sweep, or the restored one when ``resume`` is set. ``samples``:
+    trials in this part (default ``search.trials``); ``seen``: the earlier parts' trials (see :func:`searcher`)."""
     from ray import tune
 
     trainable = driver_trainable(context)
@@ -103,7 +111,8 @@ def make_tuner(cfg: StudyConfig, params: dict, context: SweepContext, storage: s
                                   resume_errored=False, restart_errored=False)
     # reuse_actors=False: a stopped trial's actor is terminated, and with it the Train controller and the
     # workers it owns; a reused actor would keep them (and their CPUs/GPUs) alive.
-    tune_config = tune.TuneConfig(search_alg=searcher(cfg, name), num_samples=cfg.search.trials, reuse_actors=False,
+    tune_config = tune.TuneConfig(search_alg=searcher(cfg, name, seen), num_samples=samples or cfg.search.trials,
+                                  reuse_actors=False,
                                   max_concurrent_trials=concurrency(cfg), scheduler=early_stopping(cfg, params))
     return tune.Tuner(trainable, param_space=tune_space(split_space(params)[1]), tune_config=tune_config,
                       run_config=run_config(name, storage))
@@ -219,5 +228,11 @@ def collect(results, fixed: dict) -> list[TrialOutcome]:
         except ValidationError:
             settings, replicate_of = None, None
         rows.append(TrialOutcome(metrics["trial_id"], status, settings, metrics,
-                                 failure_reason(r.error) if r.error else "", replicate_of))
+                                 failure_reason(r.error) if r.error else "", replicate_of, dict(r.config or {})))
+    if sum(r.status == DONE for r in rows) > results.num_terminated:
+        # An interruption: Tune finished fewer trials than reported epochs. The ones without their last
+        # epoch's test numbers were cut off, not stopped by the scheduler; --resume continues them.
+        for r in rows:
+            if r.status == DONE and key(TEST, SPECIALIZED_TOP1) not in r.metrics:
+                r.status = UNFINISHED
     return rows
