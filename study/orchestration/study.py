@@ -104,9 +104,8 @@ def record_sweep_start(c, exp_id: str, parent: str, cfg: StudyConfig, prepared: 
     return baseline
 
 
-def open_sweep(cfg: StudyConfig, prepared: Prepared, opts: RunOptions) -> dict | None:
-    """A new sweep (parent and baseline runs written, state saved), or the interrupted one to resume;
-    None (after one error line) when there is nothing to resume."""
+def open_sweep(cfg: StudyConfig, prepared: Prepared, opts: RunOptions) -> dict:
+    """A new sweep (parent and baseline runs written, state saved), or the interrupted one to resume."""
     state_file = opts.state_file(cfg.name)
     state = opts.saved_state(cfg.name) if opts.resume else None
     if opts.resume and state is None:
@@ -114,16 +113,14 @@ def open_sweep(cfg: StudyConfig, prepared: Prepared, opts: RunOptions) -> dict |
               f"starting a new one", flush=True)
     if state is not None:
         state["tracking_uri"] = opts.tracking_uri  # the preflight's: the saved one unless a flag moved the store
-        if not restorable(state["storage"], state["sweep"]):
-            print(f"error: --resume: no restorable Tune state at {sweep_path(state['storage'], state['sweep'])}",
-                  file=sys.stderr)
-            return None
+        # A part Tune never saved (an interrupt just after the parent run was written) starts afresh.
         print(f"[study] resuming sweep {state['sweep']} (parent run {state['parent_run_id']})", flush=True)
         reopen(state)
         return state
     sweep_name = time.strftime("sweep-%Y%m%d-%H%M%S")
     tracking_uri = opts.tracking_uri  # checked and made absolute by the preflight
-    state = {"sweep": sweep_name, "tracking_uri": tracking_uri,
+    state = {"sweep": sweep_name, "tracking_uri": tracking_uri, "parts": [sweep_name],
+             "part_trials": {sweep_name: cfg.search.trials},
              "storage": opts.storage_path or str(opts.output_dir / cfg.name / "ray"), "baseline": prepared.baseline,
              **start_sweep_runs(cfg, prepared, tracking_uri, sweep_name)}
     state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -158,16 +155,20 @@ def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, opts: RunOptio
     """Run (or resume) one sweep of ``cfg`` and report it. Returns the exit code: 0 at least one trial
     finished, 1 every trial failed (or the sweep itself broke), 130 interrupted. Whatever happens, the parent
     run is closed (FINISHED, FAILED or KILLED, with a reason tag), never left RUNNING."""
-    state = open_sweep(cfg, prepared, opts)
-    if state is None:
-        return 2
+    try:
+        state = open_sweep(cfg, prepared, opts)  # on failure, the runs it opened are closed already
+    except KeyboardInterrupt:
+        print("[study] interrupted while recording the sweep's start; nothing to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - e.g. the tracking store failing after the preflight
+        print(f"[study] could not record the sweep at {opts.tracking_uri}: {one_line(exc)}", file=sys.stderr)
+        return 1
     try:
         code, reason = sweep_and_report(cfg, params, prepared, opts, state)
     except KeyboardInterrupt:
         code, reason = 130, INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - any failure must still close the parent run
-        first = (str(exc).strip().splitlines() or [""])[0]
-        print(f"[study] the sweep failed: {type(exc).__name__}: {first}", file=sys.stderr, flush=True)
+        print(f"[study] the sweep failed: {one_line(exc)}", file=sys.stderr, flush=True)
         code, reason = 1, f"{type(exc).__name__}: {str(exc)[:4000]}"
     if code == 130:
         print("[study] interrupted; continue this sweep with the same command plus --resume", flush=True)
@@ -176,6 +177,10 @@ def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, opts: RunOptio
 
 
 INTERRUPTED = "interrupted; continue with the same command plus --resume"
+
+
+def one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
 
 def sweep_and_report(cfg: StudyConfig, params: dict, prepared: Prepared, opts: RunOptions,
@@ -217,19 +222,25 @@ def sweep_parts(cfg: StudyConfig, params: dict, context: SweepContext, state: di
     """Run (or restore) each Tune experiment of the sweep, then, when ``--resume`` asks for more trials than
     the sweep has, one more part with the missing trials, its sampler told the trials so far."""
     fixed = context.fixed
+    planned = state.setdefault("part_trials", {})
     rows: list[TrialOutcome] = []
+    complete = True
     for name in state.setdefault("parts", [state["sweep"]]):
         restore = opts.resume and restorable(state["storage"], name)
         results = run_sweep(lambda: make_tuner(cfg, params, context, state["storage"], name, restore,
-                                               state.get("part_trials", {}).get(name), rows), opts.address)
-        rows += collect(results, fixed)
+                                               planned.get(name), rows), opts.address)
+        part = collect(results, fixed)
+        # interrupted: a trial cut off, or fewer trials than the part planned (a sweep saved before parts had
+        # a plan counts as complete when nothing in it is unfinished)
+        complete &= not any(r.status == UNFINISHED for r in part) and len(part) >= planned.get(name, len(part))
+        rows += part
     missing = cfg.search.trials - len(rows)
-    if missing <= 0 or any(r.status == UNFINISHED for r in rows):
+    if not (opts.resume and complete and missing > 0):
         return rows
     name = f"{state['sweep']}-more{len(state['parts'])}"
     print(f"[study] extending the sweep from {len(rows)} to {cfg.search.trials} trials ({name})", flush=True)
     state["parts"].append(name)
-    state.setdefault("part_trials", {})[name] = missing
+    planned[name] = missing
     opts.state_file(cfg.name).write_text(json.dumps(state, indent=2))
     results = run_sweep(lambda: make_tuner(cfg, params, context, state["storage"], name, False, missing, rows),
                         opts.address)
