@@ -104,8 +104,8 @@ def marginals(rec: StudyRecords, out: Path) -> Path:
                 ax.plot(levels.index, levels.values, "-", color="black", lw=1.2, label="mean per level/bin")
                 ax.legend(fontsize=7)
             ax.axhline(0, color="0.6", lw=0.8)
-            if knob == "learning_rate":
-                ax.set_xscale("log")
+            if knob == "learning_rate" and (x > 0).any() and df[metric].notna().any():
+                ax.set_xscale("log")  # (no finished trial: nothing to place on a log axis)
             elif x.nunique() <= 8 and (x.dropna() == x.dropna().round()).all():  # integer levels: tick each
                 ax.set_xticks(sorted(x.dropna().unique()))
             ax.set_xlabel(KNOB_LABELS.get(knob, knob))

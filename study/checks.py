@@ -38,7 +38,12 @@ def positive_int(text: str) -> int:
 
 def count_or_auto(text: str):
     """argparse type: an integer >= 1, or ``auto``."""
-    return "auto" if text == "auto" else positive_int(text)
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {text!r}") from None
 
 
 TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc",

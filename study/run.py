@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -94,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args):
     overrides = [parse_override(o) for o in args.overrides]
-    if args.smoke_test:
+    if args.smoke_test:  # the space as the real run will read it must be valid too, not only its smoke version
+        load_study_config(args.space, overrides)
         overrides = SMOKE_OVERRIDES + overrides
     top = args.replicate_top
     if top is not None:
@@ -142,6 +144,9 @@ def checked(args):
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 the sweep finished with at least one trial; 1 every trial failed; 2 bad input (one
     ``error:`` line, nothing started or written); 130 interrupted (continue with ``--resume``)."""
+    from .orchestration.tuner import term_as_interrupt
+
+    signal.signal(signal.SIGTERM, term_as_interrupt)  # a `kill` stops as gracefully as Ctrl-C
     try:
         cfg, params, prepared, opts = checked(build_parser().parse_args(argv))
     except (ConfigError, DataError, ModelError, OSError) as exc:  # each names the file or flag and the field at fault

@@ -120,9 +120,10 @@ SWEEP, BASELINE, TRIAL, REPLICATE = "sweep", "baseline", "trial", "replicate"
 RUNNING, FINISHED, FAILED = "RUNNING", "FINISHED", "FAILED"
 ORPHANED = "ORPHANED"            # its driver died before Tune recorded the trial; kept, never fitted
 EARLY_STOPPED = "EARLY_STOPPED"  # stopped by the scheduler (ASHA) before its last epoch
+INTERRUPTED = "INTERRUPTED"      # cut off by Ctrl-C or SIGTERM; --resume continues it in the same run
 #: MLflow's own run status for each trial status
 MLFLOW_STATUS = {RUNNING: "RUNNING", FINISHED: "FINISHED", FAILED: "FAILED", ORPHANED: "KILLED",
-                 EARLY_STOPPED: "FINISHED"}
+                 EARLY_STOPPED: "FINISHED", INTERRUPTED: "KILLED"}
 
 # outcome of a Tune trial as the sweep sees it
 DONE, ERROR, UNFINISHED = "TERMINATED", "ERROR", "UNFINISHED"

@@ -78,7 +78,7 @@ FILES = {
     "mixed": lambda t: (t / "space.yaml").write_text(
         "search: {early_stopping: {type: asha}}\n"
         "params:\n  learning_rate: {distribution: loguniform, low: 1.0e-4, high: 1.0e-2}\n"
-        "  lora_rank: {distribution: categorical, choices: [2, '4']}\n"),
+        "  epochs: {distribution: categorical, choices: [1, '2']}\n"),
     "nocap": lambda t: _images_csv(t, "filepath,text"),
     "corrupt": lambda t: _images_csv(t, "filepath,caption", corrupt=True),
     "spec_col": lambda t: _spec(t, "label_column: diagnosis\n"),
@@ -122,7 +122,7 @@ CASES = [
     R("trials-not-int", ["--trials", "abc"], "--trials", "'abc'"),
     R("trials-zero", ["--trials", "0"], "--trials", "integer >= 1"),
     R("max-concurrent-zero", ["--max-concurrent", "0"], "--max-concurrent", ">= 1"),
-    R("max-concurrent-word", ["--max-concurrent", "lots"], "--max-concurrent", "'lots'"),
+    R("max-concurrent-word", ["--max-concurrent", "lots"], "--max-concurrent", "or 'auto'", "'lots'"),
     R("workers-zero", ["--workers", "0"], "--workers", ">= 1"),
     R("seeds-zero", ["--seeds", "0"], "--seeds", ">= 1"),
     R("seeds-too-many", ["--seeds", "1000"], "--seeds", "search.replicate_seeds"),
@@ -151,7 +151,8 @@ CASES = [
       files=["int_uniform"]),
     R("space-logint-low-zero", ["--space", SPACE], SPACE, "params.lora_blocks", "logint needs low >= 1",
       files=["logint0"]),
-    R("space-mixed-choices", ["--space", SPACE], SPACE, "params.lora_rank.choices", "mix types", files=["mixed"]),
+    # --smoke-test fixes epochs at 1, but the space the real run reads is checked too
+    R("space-mixed-choices", ["--space", SPACE], SPACE, "params.epochs.choices", "mix types", files=["mixed"]),
     # ---- distributions (through --set, so the flag is named)
     R("unknown-parameter", ["--set", "params.dropout=0.1"], "--set params.dropout", "unknown parameter"),
     R("unknown-distribution", ["--set", "params.lora_rank={distribution: normal, low: 1, high: 2}"],

@@ -29,7 +29,7 @@ def _finished_trials(db: Path) -> list[str]:
         return []
 
 
-def _stop_after_first_trial(cwd: Path, cache: Path, sig: int) -> int:
+def _stop_after_first_trial(cwd: Path, cache: Path, sig: int, group: bool = True) -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     log = open(cwd / "first.log", "w")
@@ -42,7 +42,7 @@ def _stop_after_first_trial(cwd: Path, cache: Path, sig: int) -> int:
         time.sleep(1)
     assert _finished_trials(cwd / "mlflow.db"), "no trial finished in time"
     time.sleep(4)  # into the second trial
-    os.killpg(proc.pid, sig)
+    (os.killpg if group else os.kill)(proc.pid, sig)
     code = proc.wait(timeout=180)
     if sig == signal.SIGKILL:
         time.sleep(2)  # let the orphaned Ray processes notice, then make sure none survives
@@ -53,15 +53,18 @@ def _stop_after_first_trial(cwd: Path, cache: Path, sig: int) -> int:
     return code
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+                         ids=["ctrl-c", "kill-9", "sigterm"])
 def test_interrupted_sweep_resumes_without_duplicates(tmp_path, smoke_cache, sig):
-    code = _stop_after_first_trial(tmp_path, smoke_cache, sig)
+    # Ctrl-C and kill -9 reach the whole process group (a terminal's job); `kill` (SIGTERM) only the driver.
+    code = _stop_after_first_trial(tmp_path, smoke_cache, sig, group=sig != signal.SIGTERM)
     assert code != 0, "an interrupted sweep must not report success"
     c, runs = mlflow_runs(tmp_path)
-    if sig == signal.SIGINT:  # a Ctrl-C is a clean exit: 130, and the sweep's run closed as KILLED, with why
+    if sig != signal.SIGKILL:  # a clean exit: 130, the sweep's run closed as KILLED with why, no run RUNNING
         assert code == 130 and "--resume" in (tmp_path / "first.log").read_text()
         parent = next(r for r in runs if r.data.tags.get("study.kind") == "sweep")
         assert parent.info.status == "KILLED" and "--resume" in parent.data.tags["study.failure_reason"]
+        assert all(r.info.status != "RUNNING" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
     done_before = {r.data.tags["study.trial_id"]: r for r in runs
                    if r.data.tags.get("study.kind") == "trial" and r.data.tags["study.status"] == "FINISHED"}
     assert len(done_before) == 1

@@ -93,6 +93,9 @@ def load_base_model(name: str, pretrained: str | None, device="cpu", trainable: 
     saved = root.level
     root.setLevel(logging.ERROR if pretrained is None and name == OFFLINE_MODEL else logging.WARNING)
     root.addFilter(_no_errors)  # a failed load is reported once, as a ModelError, not also as a log record
+    hub = logging.getLogger("huggingface_hub")  # its retries of an unreachable Hub print a line each
+    hub_level = hub.level
+    hub.setLevel(logging.ERROR)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device, weights_only=True)
@@ -102,6 +105,7 @@ def load_base_model(name: str, pretrained: str | None, device="cpu", trainable: 
     finally:
         root.setLevel(saved)
         root.removeFilter(_no_errors)
+        hub.setLevel(hub_level)
     model.requires_grad_(trainable)
     return LoadedModel(model, preprocess, tokenizer)
 

@@ -9,12 +9,45 @@ tracking URI (absolute, so Ray workers in other folders find the same store).
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-from ..checks import check_folder, optuna_storage, tracking_uri
+from ..checks import ANSWER_S, check_folder, optuna_storage, tracking_uri
 from ..config import ConfigError, StudyConfig
+
+STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")  # what pyarrow.fs opens
+
+
+def storage_path(path: str) -> None:
+    """``--storage-path``: a local folder this process can write, or a URI of a file system Ray Train's
+    storage (pyarrow.fs) knows; the bucket itself is not contacted here."""
+    if "://" not in path:
+        check_folder(path, "--storage-path")
+        return
+    scheme = path.split("://", 1)[0].lower()
+    if scheme not in STORAGE_SCHEMES:
+        raise ConfigError(f"--storage-path: unknown file system {scheme + '://'!r} in {path!r}; use a shared folder "
+                          f"or one of {', '.join(s + '://' for s in STORAGE_SCHEMES)}")
+    if scheme == "file":
+        check_folder(path.removeprefix("file://"), "--storage-path")
+
+
+def check_address(address: str) -> None:
+    """``--address`` (or ``RAY_ADDRESS``): a Ray GCS ``host:port`` (or ``ray://host:port``) that accepts a
+    connection within a few seconds; ``auto`` and ``local`` are left to Ray."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address: {address!r} is not host:port (e.g. 10.0.0.5:6379), 'auto' or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=ANSWER_S).close()
+    except OSError as exc:
+        raise ConfigError(f"--address: no Ray cluster answers at {address} within {ANSWER_S:g} s "
+                          f"({exc.strerror or exc}); start one with `ray start --head` or `ray up cluster.yaml`") from None
+
 
 def check_resources(cfg: StudyConfig, address: Optional[str], blame) -> None:
     """Refuse a trial that no machine can ever hold: the GPUs and CPUs one worker asks for against this
@@ -79,8 +112,10 @@ def preflight(cfg: StudyConfig, blame, opts, state: Optional[dict] = None):
     is made absolute in ``cfg``."""
     check_folder(opts.output_dir, "--output-dir")
     check_folder(opts.cache_dir, "--cache-dir")
-    if opts.storage_path and "://" not in opts.storage_path:
-        check_folder(opts.storage_path, "--storage-path")
+    if opts.storage_path:
+        storage_path(opts.storage_path)
+    if opts.address:
+        check_address(opts.address)
     given = opts.tracking_uri or (state or {}).get("tracking_uri")
     uri = tracking_uri(given, opts.tracking_flag if opts.tracking_uri else "--tracking-uri")
     if cfg.search.optuna_storage:

@@ -19,8 +19,12 @@ import yaml
 
 from ..config import ConfigError, StudyConfig
 from ..selection import holm
-from ..vocabulary import (FAILURE_TAG, OVERLAP_METRIC, TRANSFER_NOTE_TAG, TRANSFER_TAG, BASELINE, COLLAPSED_TAG, DONE, GENERAL_TOP1, KIND_TAG, PARENT_TAG, REPLICATED, ROLES,
-                          SPECIALIZED_TOP1, SWEEP, SWEEP_TAG, TEST, UNFINISHED, VAL, ERROR, key)
+from ..vocabulary import BASELINE, COLLAPSED_TAG, DONE, ERROR
+from ..vocabulary import FAILED as FAILED_STATUS
+from ..vocabulary import FAILURE_TAG, GENERAL_TOP1
+from ..vocabulary import INTERRUPTED as INTERRUPTED_STATUS
+from ..vocabulary import (KIND_TAG, OVERLAP_METRIC, PARENT_TAG, REPLICATED, ROLES, SPECIALIZED_TOP1, SWEEP, SWEEP_TAG,
+                          TEST, TRANSFER_NOTE_TAG, TRANSFER_TAG, UNFINISHED, VAL, key)
 from . import tracking
 from .prepare import Prepared
 from .replicates import format_spreads, pick_best, replicate_configs, spread_metrics, spreads
@@ -248,19 +252,24 @@ def sweep_parts(cfg: StudyConfig, params: dict, context: SweepContext, state: di
 
 
 def close_sweep(state: dict, code: int, reason: str) -> None:
-    """Close the parent run (and the baseline, should it still be open): FINISHED for exit 0, KILLED for an
-    interruption, else FAILED, with the reason in ``study.failure_reason``. A tracking store that is down
+    """Close the parent run: FINISHED for exit 0, KILLED for an interruption, else FAILED, with the reason
+    in ``study.failure_reason``; and any child run still open (the baseline; trials cut off mid-way, as
+    ``study.status=INTERRUPTED``, which ``--resume`` reopens). A tracking store that is down
     now only costs a warning: ``--resume`` closes the runs later."""
     status = {0: "FINISHED", 130: "KILLED"}.get(code, "FAILED")
     try:
         c = tracking.client(state["tracking_uri"])
-        baselines = c.search_runs([state["experiment_id"]], f"tags.`{PARENT_TAG}` = '{state['parent_run_id']}' "
-                                  f"and tags.`{KIND_TAG}` = '{BASELINE}' and attributes.status = 'RUNNING'")
-        for run_id in [state["parent_run_id"]] + [r.info.run_id for r in baselines]:
-            if c.get_run(run_id).info.status == "RUNNING":
-                if reason:
-                    c.set_tag(run_id, FAILURE_TAG, reason[:5000])
-                c.set_terminated(run_id, status=status)
+        children = c.search_runs([state["experiment_id"]], f"tags.`{PARENT_TAG}` = '{state['parent_run_id']}' "
+                                 f"and attributes.status = 'RUNNING'", max_results=10000)
+        for run in children:  # the baseline, or trials cut off mid-way (their drivers were stopped with Ray)
+            if run.data.tags.get(KIND_TAG) != BASELINE:
+                tracking.end_trial_run(c, run.info.run_id, INTERRUPTED_STATUS if code == 130 else FAILED_STATUS)
+            elif c.get_run(run.info.run_id).info.status == "RUNNING":
+                c.set_terminated(run.info.run_id, status=status)
+        if c.get_run(state["parent_run_id"]).info.status == "RUNNING":
+            if reason:
+                c.set_tag(state["parent_run_id"], FAILURE_TAG, reason[:5000])
+            c.set_terminated(state["parent_run_id"], status=status)
     except Exception as exc:  # noqa: BLE001 - closing must never hide the sweep's own outcome
         print(f"[study] warning: could not close the parent run {state['parent_run_id']} as {status} "
               f"({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr, flush=True)

@@ -7,6 +7,7 @@ setting carries a one-line reason.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -209,10 +210,19 @@ def run_sweep(build_tuner, address: str | None):
     ray.init(address=address, log_to_driver=True, include_dashboard=None if address else True,
              dashboard_host="127.0.0.1", configure_logging=True, logging_level="WARNING",
              runtime_env={"worker_process_setup_hook": pin_ray_address})
+    previous = signal.signal(signal.SIGTERM, term_as_interrupt)  # ray.init installed its own, which aborts
     try:
         return build_tuner().fit()
     finally:
         ray.shutdown()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def term_as_interrupt(signum, frame) -> None:
+    """SIGTERM handler (``kill``, a batch scheduler's stop): the same graceful stop as Ctrl-C. Tune stops its
+    trials and saves its state, the study closes its runs as KILLED and exits 130, and ``--resume``
+    continues."""
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def collect(results, fixed: dict) -> list[TrialOutcome]:
