@@ -146,7 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     ``error:`` line, nothing started or written); 130 interrupted (continue with ``--resume``)."""
     from .orchestration.tuner import term_as_interrupt
 
-    signal.signal(signal.SIGTERM, term_as_interrupt)  # a `kill` stops as gracefully as Ctrl-C
+    previous = signal.signal(signal.SIGTERM, term_as_interrupt)  # a `kill` stops as gracefully as Ctrl-C
+    try:
+        return _run(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         cfg, params, prepared, opts = checked(build_parser().parse_args(argv))
     except (ConfigError, DataError, ModelError, OSError) as exc:  # each names the file or flag and the field at fault
