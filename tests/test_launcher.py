@@ -83,6 +83,7 @@ def onprem_config(tmp_path: Path, ssh_port: int, key: Path, gcs_port: int, mlflo
                                         f"--temp-dir={ray_tmp}")
                 .replace("$RAY_HEAD_IP:6379", f"$RAY_HEAD_IP:{gcs_port}")
                 .replace("--port 5000", f"--port {mlflow_port}")
+                .replace(":5000/health", f":{mlflow_port}/health")
                 .replace("$(hostname -I | awk '{print $1}')", "127.0.0.1")
                 .replace("$HOME/mlflow.db", str(tmp_path / "mlflow.db"))
                 .replace("$HOME/mlartifacts", str(tmp_path / "mlartifacts"))
