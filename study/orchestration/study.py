@@ -135,9 +135,10 @@ def open_sweep(cfg: StudyConfig, prepared: Prepared, opts: RunOptions) -> dict:
 def reopen(state: dict) -> None:
     """Mark a resumed sweep's parent run RUNNING again (an interruption closed it as KILLED)."""
     c = tracking.client(state["tracking_uri"])
-    if c.get_run(state["parent_run_id"]).info.status != "RUNNING":
+    parent = c.get_run(state["parent_run_id"])
+    if parent.info.status != "RUNNING":
         c.update_run(state["parent_run_id"], status="RUNNING")
-    if FAILURE_TAG in c.get_run(state["parent_run_id"]).data.tags:
+    if FAILURE_TAG in parent.data.tags:
         c.delete_tag(state["parent_run_id"], FAILURE_TAG)
 
 
@@ -264,7 +265,7 @@ def close_sweep(state: dict, code: int, reason: str) -> None:
         for run in children:  # the baseline, or trials cut off mid-way (their drivers were stopped with Ray)
             if run.data.tags.get(KIND_TAG) != BASELINE:
                 tracking.end_trial_run(c, run.info.run_id, INTERRUPTED_STATUS if code == 130 else FAILED_STATUS)
-            elif c.get_run(run.info.run_id).info.status == "RUNNING":
+            else:  # the search returned only runs still RUNNING
                 c.set_terminated(run.info.run_id, status=status)
         if c.get_run(state["parent_run_id"]).info.status == "RUNNING":
             if reason:
