@@ -231,6 +231,9 @@ class ResourcesSection(_Strict):
     gpus_per_worker: float = Field(0, ge=0)  # a fraction (e.g. 0.25) packs several small trials on one GPU
     # Lost workers or nodes a trial recovers from, each time from its last epoch checkpoint (-1: no limit).
     max_failures: int = Field(2, ge=-1)
+    # Each tower's frozen blocks (before the first block any trial trains) run once per study, and trials run
+    # only the trainable suffix (study.library.prefix). Turn off for preprocessing that varies per step.
+    frozen_prefix_cache: bool = True
 
 
 class StudyConfig(_Strict):

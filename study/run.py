@@ -138,7 +138,7 @@ def checked(args):
     opts = options_from_args(args)
     state = opts.saved_state(cfg.name) if opts.resume else None
     opts = preflight(cfg, blame, opts, state)
-    return cfg, params, prepare(cfg, opts.cache_dir), opts
+    return cfg, params, prepare(cfg, opts.cache_dir, params), opts
 
 
 def main(argv: list[str] | None = None) -> int:

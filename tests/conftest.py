@@ -32,4 +32,4 @@ def smoke_world(smoke_cache):
     from study.run import SMOKE_OVERRIDES
 
     cfg, params = load_study_config(None, SMOKE_OVERRIDES)
-    return cfg, params, prepare(cfg, smoke_cache)
+    return cfg, params, prepare(cfg, smoke_cache, params)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from study.settings import TrialSettings
@@ -22,14 +23,16 @@ def _fit(ray_local, job: WorkerJob, workers: int, storage) -> dict:
     return state["trainable"], state["initial"], result.metrics
 
 
-def test_two_gloo_workers_match_one(ray_local, smoke_world, smoke_cache, tmp_path):
+@pytest.mark.parametrize("cached", [False, True], ids=["images", "frozen-prefix-cache"])
+def test_two_gloo_workers_match_one(ray_local, smoke_world, smoke_cache, tmp_path, cached):
     cfg, _, prepared = smoke_world
     settings = TrialSettings(learning_rate=3e-3, lora_rank=2, data_fraction=0.5, epochs=1, batch_size=32,
                              tether_weight=0.6, warmup_steps=0)
     job = WorkerJob(settings=settings, data=cfg.data, model_name=cfg.model.name,
-                    model_pretrained=prepared.model_pretrained, cache_dir=str(smoke_cache))
-    one, initial, m1 = _fit(ray_local, job, 1, tmp_path)
-    two, _, m2 = _fit(ray_local, job, 2, tmp_path)
+                    model_pretrained=prepared.model_pretrained, cache_dir=str(smoke_cache),
+                    prefix_depths=prepared.prefix_depths if cached else None, baseline=prepared.baseline)
+    one, initial, m1 = _fit(ray_local, job, 1, tmp_path / "one")
+    two, _, m2 = _fit(ray_local, job, 2, tmp_path / "two")
     assert m1["steps"] == m2["steps"] > 1
     assert one.keys() == two.keys() and any("lora_B" in k for k in one)
     for name in one:
@@ -44,3 +47,6 @@ def test_two_gloo_workers_match_one(ray_local, smoke_world, smoke_cache, tmp_pat
     assert abs(m1["train_loss"] - m2["train_loss"]) < 1e-6
     assert m1["test/specialized_top1"] == m2["test/specialized_top1"]
     assert m1["val/specialized_balanced_accuracy"] == m2["val/specialized_balanced_accuracy"]
+    # WiSE-FT's alpha 0 is the base model: no change against the baseline, on images and through the cache
+    assert m1["val/wiseft/alpha_0/specialized_top1"] == prepared.baseline["val/specialized_top1"]
+    assert m1["val/wiseft/alpha_0/general_top1"] == prepared.baseline["val/general_top1"]

@@ -85,15 +85,46 @@ def nested_subset(n: int, fraction: float, seed: int) -> np.ndarray:
     return np.sort(order[: max(1, math.ceil(fraction * n))])
 
 
-def finetune_tensors(spec, data, cache_dir: Path, fraction: float, preprocess,
-                     tokenizer) -> tuple[ImageStore, torch.Tensor]:
-    """The nested ``fraction`` subset as ``(images [N,3,H,W] on disk, tokens [N,L])``; undecodable images and
-    empty captions skipped.
+def finetune_subset(spec, data, cache_dir: Path, fraction: float, preprocess) -> tuple[dict, list[int]]:
+    """``(decoded, keep)``: :func:`decoded_finetune`'s dict and the positions in its store of the nested
+    ``fraction`` subset (undecodable images and empty captions skipped).
 
     The subset is drawn over the split's rows (not the usable ones), so it stays nested and the
     same whatever fails to decode.
     """
     d = decoded_finetune(spec, data, cache_dir, preprocess)
     position = {int(row): i for i, row in enumerate(d["store"].rows)}
-    keep = [position[int(r)] for r in nested_subset(d["rows"], fraction, data.seed) if int(r) in position]
+    return d, [position[int(r)] for r in nested_subset(d["rows"], fraction, data.seed) if int(r) in position]
+
+
+def finetune_tensors(spec, data, cache_dir: Path, fraction: float, preprocess,
+                     tokenizer) -> tuple[ImageStore, torch.Tensor]:
+    """The nested ``fraction`` subset (:func:`finetune_subset`) as ``(images [N,3,H,W] on disk, tokens [N,L])``."""
+    d, keep = finetune_subset(spec, data, cache_dir, fraction, preprocess)
     return d["store"].subset(keep), tokenizer([d["captions"][i] for i in keep])
+
+
+class Pairs:
+    """One trial's fine-tuning pairs, read batch by batch: decoded images ``[N, 3, H, W]`` with token ids
+    ``[N, L]`` and the tether's targets ``[N, D]`` (computed by the trial), or, with the frozen-prefix cache
+    (:mod:`.prefix`), both towers' prefix tokens and the targets, read from the study's feature store."""
+
+    def __init__(self, tokens: torch.Tensor, images=None, teacher=(None, None), features=None):
+        self.tokens, self.images, self.teacher, self.features = tokens, images, teacher, features
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def batch(self, idx, device) -> tuple[tuple, torch.Tensor | None, torch.Tensor | None]:
+        """``(model inputs, teacher image [B, D], teacher text [B, D])`` of rows ``idx`` on ``device``: the
+        inputs are ``(images, tokens)`` for open_clip's ``CLIP``, or ``(image prefix, text prefix, tokens)``
+        for :class:`~.prefix.SuffixCLIP`."""
+        tokens = self.tokens[idx].to(device)
+        if self.features is not None:
+            b = {k: v.to(device) for k, v in self.features.read(idx, FEATURE_COLUMNS).items()}
+            return (b["image"], b["text"], tokens), b["teacher_image"], b["teacher_text"]
+        teacher = [t[idx].to(device) if t is not None else None for t in self.teacher]
+        return (self.images[idx].to(device), tokens), teacher[0], teacher[1]
+
+
+FEATURE_COLUMNS = ["image", "text", "teacher_image", "teacher_text"]

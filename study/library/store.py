@@ -59,7 +59,45 @@ def split_preprocess(preprocess) -> tuple[Callable, Optional[Callable]]:
     return head, tail
 
 
-class ImageStore:
+class _ArrowRows:
+    """A view of some rows of one memory-mapped Arrow file, read in batches in file order; the mapping is
+    reopened every ``REMAP_BYTES`` read, so the process's RSS stays bounded over an epoch."""
+
+    def __init__(self, path: Path, positions: Optional[np.ndarray] = None):
+        self.path = Path(path)
+        self._open()
+        self.positions = np.arange(len(self._ds)) if positions is None else np.asarray(positions, dtype=np.int64)
+
+    def _open(self) -> None:
+        self._ds = datasets_quiet().Dataset.from_file(str(self.path / ARROW)).with_format("numpy")
+        self._read, self._views = 0, {}
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def read(self, idx, columns: list[str]) -> dict[str, torch.Tensor]:
+        """The ``columns`` of rows ``idx`` (positions in this view: a slice or indices), in that order, as
+        tensors ``[B, ...]``."""
+        pos = self.positions[idx] if isinstance(idx, slice) else self.positions[np.asarray(idx, dtype=np.int64)]
+        if len(pos) == 0:
+            return {c: torch.empty(0) for c in columns}
+        order = np.argsort(pos, kind="stable")  # Arrow reads faster in file order
+        view = self._views.get(tuple(columns))
+        if view is None:  # reading only the columns asked for skips the others' bytes
+            view = self._views[tuple(columns)] = self._ds.select_columns(columns)
+        got = view[pos[order].tolist()]
+        self._read += sum(got[c].nbytes for c in columns)
+        if self._read > REMAP_BYTES:
+            self._open()
+        back = torch.from_numpy(np.argsort(order, kind="stable"))
+        return {c: torch.from_numpy(np.ascontiguousarray(got[c]))[back] for c in columns}
+
+    def column(self, name: str) -> np.ndarray:
+        """A stored column (e.g. ``row``, ``sha1``, ``phash``) for this view's rows, as stored."""
+        return np.asarray(self._ds.with_format(None).select_columns([name])[self.positions.tolist()][name])
+
+
+class ImageStore(_ArrowRows):
     """Preprocessed images of one decoded split, read from disk in batches.
 
     ``len(store)``; ``store[i]``, ``store[a:b]`` and ``store[index tensor]`` give float ``[B, 3, H, W]``
@@ -68,34 +106,17 @@ class ImageStore:
     """
 
     def __init__(self, path: Path, preprocess, positions: Optional[np.ndarray] = None):
-        self.path, self.preprocess = Path(path), preprocess
-        self._open()
+        super().__init__(path, positions)
+        self.preprocess = preprocess
         self._tail = split_preprocess(preprocess)[1]
-        self.positions = np.arange(len(self._ds)) if positions is None else np.asarray(positions, dtype=np.int64)
-
-    def _open(self) -> None:
-        self._ds = datasets_quiet().Dataset.from_file(str(self.path / ARROW)).with_format("numpy")
-        self._read = 0
-
-    def __len__(self) -> int:
-        return len(self.positions)
 
     def __getitem__(self, idx) -> torch.Tensor:
         if isinstance(idx, (int, np.integer)):
             return self[[int(idx)]][0]
-        pos = self.positions[idx] if isinstance(idx, slice) else self.positions[np.asarray(idx, dtype=np.int64)]
-        if len(pos) == 0:
-            return torch.empty(0)
-        order = np.argsort(pos, kind="stable")  # Arrow reads faster in file order
-        pix = self._ds[pos[order].tolist()]["pixels"]
-        self._read += pix.nbytes
-        if self._read > REMAP_BYTES:
-            self._open()
-        batch = torch.from_numpy(np.ascontiguousarray(pix))
-        batch = self._tail(batch) if self._tail else batch.float()
-        out = torch.empty_like(batch)
-        out[torch.from_numpy(order)] = batch
-        return out
+        batch = self.read(idx, ["pixels"])["pixels"]
+        if batch.numel() == 0:
+            return batch
+        return self._tail(batch) if self._tail else batch.float()
 
     def __getstate__(self):  # Ray pickles a store by its path; the reader opens the file again
         return {"path": self.path, "preprocess": self.preprocess, "positions": self.positions}
@@ -106,10 +127,6 @@ class ImageStore:
     @property
     def shape(self) -> tuple:
         return (len(self), *self[0].shape) if len(self) else (0,)
-
-    def column(self, name: str) -> np.ndarray:
-        """A stored column (``row``, ``sha1``, ``phash``) for this view's images."""
-        return np.asarray(self._ds.with_format(None).select_columns([name])[self.positions.tolist()][name])
 
     @property
     def rows(self) -> np.ndarray:

@@ -12,8 +12,9 @@ import torch
 from ..settings import TrialSettings
 from ..vocabulary import (GENERAL_TOP1, SPECIALIZED_TOP1, TEST, VAL, WISEFT_BEST, WISEFT_BEST_ALPHA, WISEFT_REPORTED,
                           changes, key, wiseft_key)
-from .alignment import apply_alignment_module, load_trainable_state, undistributed
+from .alignment import apply_alignment_module, load_trainable_state, undistributed, unwrap
 from .models import load_base_model
+from .prefix import SuffixEncoder
 from .zeroshot import evaluate_sets
 
 
@@ -41,7 +42,8 @@ def interpolate(model: torch.nn.Module, initial: dict[str, torch.Tensor], traine
 
 
 def wiseft_curve(model_name: str, pretrained: str | None, settings: TrialSettings, trained: dict, initial: dict,
-                 sets, device, alphas: list[float], select: str, baseline: dict, collapse_share: float = 0.9) -> dict:
+                 sets, device, alphas: list[float], select: str, baseline: dict, collapse_share: float = 0.9,
+                 depths: dict | None = None, memo: dict | None = None) -> dict:
     """Evaluate the model with its trained change scaled by each of ``alphas`` on the validation parts of
     ``sets``, pick the alpha that maximises ``select`` there, and score the test parts at that alpha only.
 
@@ -52,14 +54,18 @@ def wiseft_curve(model_name: str, pretrained: str | None, settings: TrialSetting
     and ``test/wiseft_best_<metric>``.
 
     The interpolated models are built on a freshly loaded base model, so that alpha = 0 is the base
-    model bit for bit (training drifts peft's merged attention weights by round-off).
+    model bit for bit (training drifts peft's merged attention weights by round-off). With ``depths`` (the
+    frozen-prefix cache, :mod:`.prefix`), ``sets`` hold image-prefix tokens and only the suffix runs;
+    ``memo`` keeps class-prompt text prefixes between calls.
     """
     lm = load_base_model(model_name, pretrained)
     model = apply_alignment_module(lm.model, settings).to(device)
     load_trainable_state(model, trained)
 
+    encoder = SuffixEncoder(unwrap(model), depths, memo) if depths else model
+
     def scores(split: str) -> dict:
-        values, _, _ = evaluate_sets(model, lm.tokenizer, [s for s in sets if s.split == split], device,
+        values, _, _ = evaluate_sets(encoder, lm.tokenizer, [s for s in sets if s.split == split], device,
                                      seed=settings.seed, collapse_share=collapse_share)
         values.update(changes(values, baseline))
         values[key(split, "mean_top1")] = (values[key(split, SPECIALIZED_TOP1)] + values[key(split, GENERAL_TOP1)]) / 2

@@ -148,7 +148,7 @@ def sweep_context(cfg: StudyConfig, fixed: dict, prepared: Prepared, opts: RunOp
                     precision=cfg.model.precision, cache_dir=str(opts.cache_dir),
                     cpus_per_worker=cfg.resources.cpus_per_worker, tracking_uri=state["tracking_uri"],
                     baseline=state["baseline"], baseline_predictions=prepared.baseline_predictions,
-                    evaluation=cfg.evaluation)
+                    evaluation=cfg.evaluation, prefix_depths=prepared.prefix_depths)
     return SweepContext(job=job, fixed=fixed, experiment_id=state["experiment_id"],
                         parent_run_id=state["parent_run_id"],
                         train_storage=f"{sweep_path(state['storage'], state['sweep'])}/train",

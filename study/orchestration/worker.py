@@ -31,11 +31,11 @@ from ..library.alignment import (apply_alignment_module, load_trainable_state, t
                                  unwrap, weight_change_norm)
 from ..library.benchmarks import eval_sets
 from ..library.cache import feature_cache
-from ..library.finetune import finetune_tensors
-from ..library.store import ImageStore
+from ..library.finetune import Pairs, finetune_subset
 from ..library.models import load_base_model
 from ..library.objective import (NonFiniteLossError, alignment_loss, autocast_for, clamp_logit_scale, lr_lambda,
                                  tether_targets)
+from ..library.prefix import SuffixCLIP, SuffixEncoder, finetune_features, prefix_sets, unsupported
 from ..library.wiseft import wiseft_curve
 from ..library.zeroshot import evaluate_sets
 from ..settings import TrialSettings
@@ -60,6 +60,9 @@ class WorkerJob(BaseModel):
     baseline: dict[str, float] = {}
     baseline_predictions: dict[str, list[int]] = {}  # per benchmark, for the paired test
     evaluation: EvaluationSection = EvaluationSection()
+    # Blocks per tower that no trial trains, served from the study's frozen-prefix feature stores
+    # (study.library.prefix); None runs every trial on images.
+    prefix_depths: Optional[dict[str, int]] = None
 
 
 @dataclass
@@ -71,11 +74,8 @@ class Worker:
     world: int
     device: torch.device
     tokenizer: Any
-    images: ImageStore            # [N, 3, H, W] on disk: the trial's nested data-fraction subset
-    tokens: torch.Tensor          # [N, L]
-    teacher_img: torch.Tensor     # [N, D]: the frozen model's normalized embeddings (tether targets)
-    teacher_txt: torch.Tensor
-    model: torch.nn.Module        # peft-wrapped, then DDP-wrapped when world > 1
+    pairs: Pairs                  # the trial's nested data-fraction subset, with the tether's targets
+    model: torch.nn.Module        # peft-wrapped (never DDP-wrapped: its parameter names are the checkpoint's)
     initial: dict                 # trainable tensors before training (WiSE-FT, ‖ΔW‖)
     opt: torch.optim.Optimizer
     sched: Any
@@ -88,6 +88,9 @@ class Worker:
     start_epoch: int = 0
     restored_metrics: dict = field(default_factory=dict)  # what the restored checkpoint's epoch reported
     logger: Any = None            # rank 0's TrialLogger, when the trial has an MLflow run
+    depths: Optional[dict] = None  # frozen-prefix blocks per tower, when the cache serves this trial
+    net: Any = None               # what a training step calls: model, or SuffixCLIP(model); DDP-wrapped if world > 1
+    memo: dict = field(default_factory=dict)  # class-prompt text prefixes, shared by every evaluation
 
     @property
     def clip(self) -> torch.nn.Module:
@@ -135,24 +138,56 @@ def setup(job: WorkerJob) -> Worker:
     torch.set_num_threads(max(1, int(job.cpus_per_worker)))
     torch.manual_seed(s.seed)
     device = ray.train.torch.get_device()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     lm = load_base_model(job.model_name, job.model_pretrained)
-    base = lm.model.to(device)
-    images, tokens = finetune_tensors(job.data.finetune, job.data, Path(job.cache_dir), s.data_fraction,
-                                      lm.preprocess, lm.tokenizer)
-    teacher_img, teacher_txt = tether_targets(base, images, tokens, device)
-    model = apply_alignment_module(base, s)
+    lm.model.to(device)
+    depths = cached_depths(job, lm.model)
+    pairs = training_pairs(job, lm, depths, device)
+    sets = eval_sets(job.data, Path(job.cache_dir), lm.preprocess,
+                     validation_share=job.evaluation.validation_share) if rank == 0 else []
+    if depths and sets:  # before LoRA is injected: the stores hold the base model's prefix
+        sets = prefix_sets(lm, job.model_name, job.model_pretrained, depths, sets, Path(job.cache_dir), device)
+    model = apply_alignment_module(lm.model, s)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.learning_rate,
                             weight_decay=s.weight_decay)
-    global_batch = min(s.batch_size, len(images))
-    steps_per_epoch = max(1, len(images) // global_batch)
+    global_batch = min(s.batch_size, len(pairs))
+    steps_per_epoch = max(1, len(pairs) // global_batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s.warmup_steps, steps_per_epoch * s.epochs))
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     autocast, scaler = autocast_for(device, job.precision)
-    return Worker(job, rank, world, device, lm.tokenizer, images, tokens, teacher_img, teacher_txt,
-                  model, trainable_state(model), opt, sched, steps_per_epoch, global_batch, autocast, scaler,
-                  ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world),
-                  sets=eval_sets(job.data, Path(job.cache_dir), lm.preprocess,
-                                 validation_share=job.evaluation.validation_share) if rank == 0 else [])
+    return Worker(job, rank, world, device, lm.tokenizer, pairs, model, trainable_state(model), opt, sched,
+                  steps_per_epoch, global_batch, autocast, scaler,
+                  ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world), sets=sets,
+                  depths=depths)
+
+
+def cached_depths(job: WorkerJob, clip: torch.nn.Module) -> Optional[dict]:
+    """The frozen-prefix blocks per tower when the study's cache can serve this trial, else None: the study
+    turned it off, the model does not qualify, or the trial trains a block inside the cached prefix."""
+    d = job.prefix_depths
+    if not d or unsupported(clip):
+        return None
+    from ..library.prefix import tower_depths
+
+    s, total = job.settings, tower_depths(clip)
+    trained = s.lora_blocks if s.lora_blocks and s.lora_targets else 0
+    return d if all(total[t] - d[t] >= trained for t in s.lora_towers) else None
+
+
+def training_pairs(job: WorkerJob, lm, depths: Optional[dict], device) -> Pairs:
+    """The trial's nested subset: prefix features and stored tether targets from the study's feature store
+    (built by the driver; built here if this node lacks it), or decoded images with targets computed now."""
+    from ..library.cache import model_id
+
+    s, cache_dir = job.settings, Path(job.cache_dir)
+    d, keep = finetune_subset(job.data.finetune, job.data, cache_dir, s.data_fraction, lm.preprocess)
+    if depths:
+        tokens = lm.tokenizer(d["captions"])
+        feats = finetune_features(lm, model_id(job.model_name, job.model_pretrained), depths, d["store"], tokens,
+                                  cache_dir, device)
+        return Pairs(tokens[keep], features=feats.subset(keep))
+    images, tokens = d["store"].subset(keep), lm.tokenizer([d["captions"][i] for i in keep])
+    teacher = tether_targets(lm.model, images, tokens, device) if s.tether_weight > 0 else (None, None)
+    return Pairs(tokens, images=images, teacher=teacher)
 
 
 def restore(w: Worker, checkpoint) -> None:
@@ -174,10 +209,11 @@ def distribute(w: Worker) -> None:
     """DDP across the trial's workers (gloo on CPU, nccl on GPU); one worker just moves to its device."""
     import ray.train.torch
 
+    w.model = w.model.to(w.device)
+    net = SuffixCLIP(w.model, w.depths) if w.depths else w.model
     if w.world > 1:
-        w.model = ray.train.torch.prepare_model(w.model, parallel_strategy_kwargs={"find_unused_parameters": False})
-    else:
-        w.model = w.model.to(w.device)
+        net = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": False})
+    w.net = net
 
 
 def open_logger(w: Worker):
@@ -195,15 +231,15 @@ def open_logger(w: Worker):
 def train_epoch(w: Worker, epoch: int) -> dict:
     """One epoch of contrastive (+ tether) steps; returns the epoch's training metrics."""
     s = w.job.settings
-    w.model.train()
-    perm = torch.randperm(len(w.images), generator=torch.Generator().manual_seed(s.seed * 1000 + epoch))
+    w.net.train()
+    perm = torch.randperm(len(w.pairs), generator=torch.Generator().manual_seed(s.seed * 1000 + epoch))
     total = 0.0
     for step in range(w.steps_per_epoch):
         idx = perm[step * w.global_batch:(step + 1) * w.global_batch][w.rank::w.world]
+        inputs, teacher_img, teacher_txt = w.pairs.batch(idx, w.device)
         with w.autocast:
-            img_f, txt_f, scale = w.model(w.images[idx].to(w.device), w.tokens[idx].to(w.device))
-            loss = alignment_loss(w.loss_fn, img_f, txt_f, scale, s.tether_weight,
-                                  w.teacher_img[idx].to(w.device), w.teacher_txt[idx].to(w.device))
+            img_f, txt_f, scale = w.net(*inputs)
+            loss = alignment_loss(w.loss_fn, img_f, txt_f, scale, s.tether_weight, teacher_img, teacher_txt)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
         w.opt.zero_grad(set_to_none=True)
@@ -217,7 +253,7 @@ def train_epoch(w: Worker, epoch: int) -> dict:
         summed = torch.tensor([total], dtype=torch.float64, device=w.device)
         torch.distributed.all_reduce(summed)
         total = summed.item() / w.world
-    return {"epoch": epoch + 1, "train_loss": total / w.steps_per_epoch, "train_pairs": len(w.images),
+    return {"epoch": epoch + 1, "train_loss": total / w.steps_per_epoch, "train_pairs": len(w.pairs),
             "steps": (epoch + 1) * w.steps_per_epoch}
 
 
@@ -231,7 +267,7 @@ def evaluate(w: Worker, final: bool) -> dict:
     frozen = {"frozen_image": tower_is_frozen(s, "image"), "frozen_text": tower_is_frozen(s, "text")}
     sets = w.sets if final else [x for x in w.sets if x.split == VAL]  # the test part is scored once, at the end
     values, confusions, _ = evaluate_sets(
-        w.clip, w.tokenizer, sets, w.device, detailed=final,
+        SuffixEncoder(w.clip, w.depths, w.memo) if w.depths else w.clip, w.tokenizer, sets, w.device, detailed=final,
         cache=feature_cache(Path(job.cache_dir), job.model_name, job.model_pretrained),
         baseline_predictions=job.baseline_predictions, seed=s.seed, collapse_share=job.evaluation.collapse_share,
         **frozen)
@@ -239,7 +275,7 @@ def evaluate(w: Worker, final: bool) -> dict:
     if final and job.evaluation.wiseft_alphas:
         metrics.update(wiseft_curve(job.model_name, job.model_pretrained, s, trainable_state(w.model), w.initial,
                                     w.sets, w.device, job.evaluation.wiseft_alphas, job.evaluation.wiseft_select,
-                                    job.baseline, job.evaluation.collapse_share))
+                                    job.baseline, job.evaluation.collapse_share, depths=w.depths, memo=w.memo))
     metrics["eval_seconds"] = time.time() - t0
     if w.logger:
         for name, (matrix, classnames) in confusions.items():
