@@ -217,7 +217,7 @@ def finetune_features(lm, model_key: str, depths: dict[str, int], images: ImageS
     """The prefix tokens of every fine-tuning pair (``images`` ``[N, 3, H, W]``, ``tokens`` ``[N, L]``) and
     the frozen model's normalized embeddings of both (the tether's targets), built once under
     ``<cache>/stores``; rows follow ``images``. ``lm``: the base model (:class:`~.models.LoadedModel`)."""
-    key = fingerprint(model_key, images.path.name, images.positions.tobytes().hex()[:4096], len(images),
+    key = fingerprint(model_key, images.path.name, hashlib.sha1(images.positions.tobytes()).hexdigest(), len(images),
                       hashlib.sha1(tokens.numpy().tobytes()).hexdigest(), sorted(depths.items()), _versions())
     path = store_cache(cache_dir) / f"prefix-finetune-{key}"
     if not is_store(path):
