@@ -99,7 +99,12 @@ class Worker:
 
 def train_fn_per_worker(config: dict) -> None:
     """Ray Train entry point: ``config["job"]`` is the trial's :class:`WorkerJob`. Fine-tunes the alignment
-    module, evaluating, recording, checkpointing and reporting after every epoch."""
+    module, evaluating, recording, checkpointing and reporting after every epoch.
+
+    The first epoch this worker runs also reports ``worker_start_time`` (unix seconds when this function
+    began) and ``setup_seconds`` (from then until that epoch: setup, restore, distribute, open_logger), so
+    that ``bench/speed.py`` can split a trial's overhead from the trial's MLflow run times."""
+    started = time.time()
     import ray.train
 
     job = WorkerJob.model_validate(config["job"])
@@ -109,6 +114,7 @@ def train_fn_per_worker(config: dict) -> None:
     restore(w, ray.train.get_checkpoint())
     distribute(w)
     w.logger = open_logger(w)
+    timing = {"worker_start_time": started, "setup_seconds": time.time() - started}  # first epoch only
     try:
         for epoch in range(w.start_epoch, job.settings.epochs):
             t0 = time.time()
@@ -116,6 +122,8 @@ def train_fn_per_worker(config: dict) -> None:
             if w.rank == 0:
                 metrics.update(evaluate(w, final=epoch + 1 == job.settings.epochs))
                 metrics["epoch_seconds"] = time.time() - t0
+                metrics.update(timing)
+                timing = {}
             checkpoint_and_report(w, epoch, metrics)
         if w.start_epoch == job.settings.epochs:
             report_restored(w)
