@@ -202,14 +202,12 @@ def run_sweep(build_tuner, address: str | None):
     """
     import ray
 
-    from .ray_address import pin_ray_address
+    from .ray_address import init_ray
 
     # The dashboard (on 127.0.0.1) serves the state API that Ray Train's placement-group cleaner needs to
-    # free the workers of a trial that was stopped early or lost its driver; the setup hook points each
-    # worker's state-API client at this study's Ray (see pin_ray_address).
-    ray.init(address=address, log_to_driver=True, include_dashboard=None if address else True,
-             dashboard_host="127.0.0.1", configure_logging=True, logging_level="WARNING",
-             runtime_env={"worker_process_setup_hook": pin_ray_address})
+    # free the workers of a trial that was stopped early or lost its driver; init_ray points every worker's
+    # state-API client at this study's Ray.
+    init_ray(address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
     previous = signal.signal(signal.SIGTERM, term_as_interrupt)  # ray.init installed its own, which aborts
     try:
         return build_tuner().fit()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -107,7 +108,7 @@ def train_fn_per_worker(config: dict) -> None:
     started = time.time()
     import ray.train
 
-    job = WorkerJob.model_validate(config["job"])
+    job = job_of(config)
     # Ray Train logs every report with all its metrics at INFO; the study prints its own progress.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     w = setup(job)
@@ -133,6 +134,13 @@ def train_fn_per_worker(config: dict) -> None:
         raise
     if w.logger and not w.logger.closed:  # e.g. a retried attempt that found every epoch already done
         w.logger.close()
+
+
+def job_of(config: dict) -> WorkerJob:
+    """``config["job"]``: a :class:`WorkerJob`, or one pickled by the trial driver (Train's controller, which
+    holds the config, then needs none of this project's modules to unpickle it)."""
+    job = config["job"]
+    return WorkerJob.model_validate(pickle.loads(job) if isinstance(job, bytes) else job)
 
 
 def setup(job: WorkerJob) -> Worker:
