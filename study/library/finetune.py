@@ -111,6 +111,11 @@ class Pairs:
 
     def __init__(self, tokens: torch.Tensor, images=None, teacher=(None, None), features=None):
         self.tokens, self.images, self.teacher, self.features = tokens, images, teacher, features
+        self.loaded = None  # the features held in memory, when they fit in IN_MEMORY_BYTES
+        if features is not None and len(features):
+            row = sum(t.numel() * t.element_size() for t in features.read([0], FEATURE_COLUMNS).values())
+            if row * len(features) <= IN_MEMORY_BYTES:  # small sets: one read, not one per step
+                self.loaded = features.read(slice(None), FEATURE_COLUMNS)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -121,10 +126,14 @@ class Pairs:
         for :class:`~.prefix.SuffixCLIP`."""
         tokens = self.tokens[idx].to(device)
         if self.features is not None:
-            b = {k: v.to(device) for k, v in self.features.read(idx, FEATURE_COLUMNS).items()}
+            b = {k: v[idx] for k, v in self.loaded.items()} if self.loaded else self.features.read(idx, FEATURE_COLUMNS)
+            b = {k: v.to(device) for k, v in b.items()}
             return (b["image"], b["text"], tokens), b["teacher_image"], b["teacher_text"]
         teacher = [t[idx].to(device) if t is not None else None for t in self.teacher]
         return (self.images[idx].to(device), tokens), teacher[0], teacher[1]
 
 
 FEATURE_COLUMNS = ["image", "text", "teacher_image", "teacher_text"]
+# A trial's prefix features up to this size are read into memory once (a per-step read of a small model's
+# features costs more than the blocks it saves); larger sets stream from the store, so memory stays bounded.
+IN_MEMORY_BYTES = 256 * 2**20
