@@ -234,6 +234,10 @@ class ResourcesSection(_Strict):
     # Each tower's frozen blocks (before the first block any trial trains) run once per study, and trials run
     # only the trainable suffix (study.library.prefix). Turn off for preprocessing that varies per step.
     frozen_prefix_cache: bool = True
+    # Where a trial's training runs. "auto": a one-worker trial runs in its Ray Tune trial (Tune's function
+    # trainable, with actors reused between trials and Tune retrying a lost trial from its last checkpoint), a
+    # multi-worker trial in a Ray Train run of DDP workers. "ray_train": always a Ray Train run.
+    trial_runner: Literal["auto", "ray_train"] = "auto"
 
 
 class StudyConfig(_Strict):

@@ -133,21 +133,26 @@ def wait_for_epoch(uri: str, epoch: int, trials: int = 1, timeout: float = 300) 
 
 
 def wait_for_checkpoints(shared: Path, count: int, trials: int, timeout: float = 300) -> None:
-    """Block until ``trials`` Train runs have each committed ``count`` checkpoints (Ray Train's snapshot)."""
-    import json
-
+    """Block until ``trials`` trials each have ``count`` results with a checkpoint recorded by Tune (its
+    ``result.json``: a trial that trains in Tune reports each epoch's checkpoint with its result, a Ray Train run
+    passes each result on once Train registered its checkpoint)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         done = 0
-        for snap in shared.glob("sweep-*/train/train-*/checkpoint_manager_snapshot.json"):
+        for log in shared.glob("sweep-*/trial_driver_*/result.json"):
             try:
-                done += len(json.loads(snap.read_text())["checkpoint_results"]) >= count
-            except (ValueError, KeyError, OSError):  # being written
+                done += sum('"epoch"' in line for line in log.read_text().splitlines()) >= count
+            except OSError:  # being written
                 pass
         if done >= trials:
             return
         time.sleep(0.2)
-    raise TimeoutError(f"fewer than {trials} runs committed {count} checkpoints")
+    raise TimeoutError(f"fewer than {trials} trials recorded {count} checkpoints")
+
+
+def checkpoint_dirs(shared: Path) -> list[Path]:
+    """Checkpoints stored so far: Tune's per trial, or Ray Train's per Train run."""
+    return [*shared.glob("sweep-*/trial_driver_*/checkpoint_*"), *shared.glob("sweep-*/train/train-*/checkpoint_*")]
 
 
 def assert_complete(uri: str, trials: int) -> list:
@@ -170,15 +175,22 @@ def resumed_from(c, run) -> list[int]:
     return [int(m.value) for m in c.get_metric_history(run.info.run_id, "resumed_from_epoch")]
 
 
-def test_node_killed_mid_trial_resumes_from_checkpoint_on_a_surviving_node(tmp_path, smoke_cache, server, cluster):
+# A one-worker trial trains in its Tune trial (the default) or in a Ray Train run (resources.trial_runner).
+RUNNERS = {"auto": "ImplicitFunc", "ray_train": "RayTrainWorker"}  # runner -> the actor class that trains
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_node_killed_mid_trial_resumes_from_checkpoint_on_a_surviving_node(tmp_path, smoke_cache, server, cluster,
+                                                                          runner):
     import ray
 
-    proc = start_sweep(tmp_path, smoke_cache, cluster.address, server.uri, "--trials", "2", "--max-concurrent", "2")
+    proc = start_sweep(tmp_path, smoke_cache, cluster.address, server.uri, "--trials", "2", "--max-concurrent", "2",
+                       "--set", f"resources.trial_runner={runner}")
     wait_for_checkpoints(tmp_path / "shared", 2, trials=2)  # both trials can resume, whichever node dies
-    # Where the training workers live, from the GCS (the state API would need the dashboard).
+    # Where the training processes live, from the GCS (the state API would need the dashboard).
     workers = [a for a in ray._private.state.actors().values()
-               if a["ActorClassName"].endswith("RayTrainWorker") and a["State"] == "ALIVE"]
-    assert workers, "no training worker alive"
+               if a["ActorClassName"].endswith(RUNNERS[runner]) and a["State"] == "ALIVE"]
+    assert workers, f"no {RUNNERS[runner]} actor alive"
     victim_id = workers[0]["Address"]["NodeID"]
     victim = next(n for n in cluster.list_all_nodes() if n.node_id == victim_id)
     assert not victim.head
@@ -198,7 +210,7 @@ def test_node_killed_mid_trial_resumes_from_checkpoint_on_a_surviving_node(tmp_p
 def test_tracking_server_down_mid_sweep_loses_nothing(tmp_path, smoke_cache, server, cluster):
     proc = start_sweep(tmp_path, smoke_cache, cluster.address, server.uri, "--trials", "2", "--max-concurrent", "2")
     wait_for_epoch(server.uri, 1)
-    checkpoints = lambda: len(list((tmp_path / "shared").glob("sweep-*/train/train-*/checkpoint_*")))  # noqa: E731
+    checkpoints = lambda: len(checkpoint_dirs(tmp_path / "shared"))  # noqa: E731
     before = checkpoints()
     server.stop()
     time.sleep(12)

@@ -148,12 +148,18 @@ def sweep_context(cfg: StudyConfig, fixed: dict, prepared: Prepared, opts: RunOp
                     precision=cfg.model.precision, cache_dir=str(opts.cache_dir),
                     cpus_per_worker=cfg.resources.cpus_per_worker, tracking_uri=state["tracking_uri"],
                     baseline=state["baseline"], baseline_predictions=prepared.baseline_predictions,
-                    evaluation=cfg.evaluation, prefix_depths=prepared.prefix_depths)
+                    evaluation=cfg.evaluation, prefix_depths=prepared.prefix_depths,
+                    runner="tune" if in_tune(cfg) else "train")
     return SweepContext(job=job, fixed=fixed, experiment_id=state["experiment_id"],
                         parent_run_id=state["parent_run_id"],
                         train_storage=f"{sweep_path(state['storage'], state['sweep'])}/train",
                         workers_per_trial=cfg.resources.workers_per_trial,
                         gpus_per_worker=cfg.resources.gpus_per_worker, max_failures=cfg.resources.max_failures)
+
+
+def in_tune(cfg: StudyConfig) -> bool:
+    """Whether each trial trains in its Tune trial rather than in a Ray Train run (``resources.trial_runner``)."""
+    return cfg.resources.trial_runner == "auto" and cfg.resources.workers_per_trial == 1
 
 
 def run_study(cfg: StudyConfig, params: dict, prepared: Prepared, opts: RunOptions) -> int:
@@ -232,9 +238,9 @@ def sweep_parts(cfg: StudyConfig, params: dict, context: SweepContext, state: di
     complete = True
     for name in state.setdefault("parts", [state["sweep"]]):
         restore = opts.resume and restorable(state["storage"], name)
-        results = run_sweep(lambda: make_tuner(cfg, params, context, state["storage"], name, restore,
-                                               planned.get(name), rows), opts.address)
-        part = collect(results, fixed)
+        results, interrupted = run_sweep(lambda: make_tuner(cfg, params, context, state["storage"], name, restore,
+                                                            planned.get(name), rows), opts.address)
+        part = collect(results, fixed, interrupted)
         # interrupted: a trial cut off, or fewer trials than the part planned (a sweep saved before parts had
         # a plan counts as complete when nothing in it is unfinished)
         complete &= not any(r.status == UNFINISHED for r in part) and len(part) >= planned.get(name, len(part))
@@ -247,9 +253,9 @@ def sweep_parts(cfg: StudyConfig, params: dict, context: SweepContext, state: di
     state["parts"].append(name)
     planned[name] = missing
     opts.state_file(cfg.name).write_text(json.dumps(state, indent=2))
-    results = run_sweep(lambda: make_tuner(cfg, params, context, state["storage"], name, False, missing, rows),
-                        opts.address)
-    return rows + collect(results, fixed)
+    results, interrupted = run_sweep(lambda: make_tuner(cfg, params, context, state["storage"], name, False,
+                                                        missing, rows), opts.address)
+    return rows + collect(results, fixed, interrupted)
 
 
 def close_sweep(state: dict, code: int, reason: str) -> None:
@@ -324,9 +330,9 @@ def run_replicates(cfg: StudyConfig, rows: list[TrialOutcome], context: SweepCon
     print(f"[study] seed replicates: {len(best)} configuration(s) x {cfg.search.replicate_seeds - 1} more seed(s) "
           f"= {len(configs)} trial(s)", flush=True)
     name = f"{state['sweep']}-replicates"
-    results = run_sweep(lambda: make_replicate_tuner(configs, context, state["storage"], name, opts.resume, cfg),
-                        opts.address)
-    replicate_rows = collect(results, context.fixed)
+    results, interrupted = run_sweep(lambda: make_replicate_tuner(configs, context, state["storage"], name,
+                                                                  opts.resume, cfg), opts.address)
+    replicate_rows = collect(results, context.fixed, interrupted)
     if any(r.status == UNFINISHED for r in replicate_rows) or len(replicate_rows) < len(configs):
         print("[study] replicates stopped before they finished; continue with the same command plus --resume",
               flush=True)

@@ -1,10 +1,11 @@
-"""One Tune trial: typed settings, its MLflow run, and a Ray Train run of the worker loop.
+"""One Tune trial: typed settings, its MLflow run, and the worker loop.
 
-:func:`trial_driver` opens (or, on resume, finds) the trial's MLflow run and
-launches a Ray Train run (a ``TorchTrainer``, see :func:`trainer_class`) named after the trial id, so that
-a retried or restored trial resumes from its own checkpoints. Results reach Tune through
-``TuneReportCallback`` (Ray's documented Train-in-Tune pattern,
-``doc/source/train/doc_code/train_tune_interop.py``).
+:func:`trial_driver` opens (or, on resume, finds) the trial's MLflow run. A trial of one worker then runs
+the worker loop in its own process (Tune's Function Trainable API: no Train controller or worker group to
+start, and Tune reuses the process for the next trial). A trial of several workers launches a Ray Train run
+(a ``TorchTrainer``, see :func:`trainer_class`) named after the trial id, so that a retried or restored trial
+resumes from its own checkpoints; results reach Tune through ``TuneReportCallback`` (Ray's documented
+Train-in-Tune pattern, ``doc/source/train/doc_code/train_tune_interop.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import pickle
 import re
+import time
 from functools import partial
 from typing import Any, Optional
 
@@ -21,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from ..settings import TrialSettings
 from ..vocabulary import FAILED, FINISHED, KIND_TAG, REPLICATE, REPLICATE_OF_TAG
 from .tracking import client, end_trial_run, ensure_trial_run, retrying
-from .worker import WorkerJob, train_fn_per_worker
+from .worker import WorkerJob, run_worker, train_fn_per_worker
 
 # Ray Train V2's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s), and only a poll
 # passes a report on to Tune or notices that the run finished: at 2 s a trial's teardown waited 2-4 s for polls
@@ -62,12 +64,11 @@ def tune_config(settings: TrialSettings, fixed: dict) -> dict:
 
 
 def trial_driver(config: dict, context: SweepContext) -> None:
-    """The Tune trainable: typed settings, the trial's MLflow run, then a Ray Train run of the worker."""
-    import ray.train
+    """The Tune trainable: typed settings, the trial's MLflow run, then its training: in this process for a
+    trial of one worker (``job.runner == "tune"``), else a Ray Train run of its workers (:func:`fit_train_run`)."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    for name, value in TRAIN_ENV.items():  # this trial's own process (reuse_actors is off)
+    for name, value in TRAIN_ENV.items():  # this trial's own process
         os.environ.setdefault(name, value)
     settings, replicate_of = trial_settings(config, context.fixed)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -77,6 +78,25 @@ def trial_driver(config: dict, context: SweepContext) -> None:
                                                settings.model_dump(), json.dumps(settings.model_dump(), indent=2),
                                                tags), what="opening the trial's MLflow run")
     job = context.job.model_copy(update={"settings": settings, "run_id": run_id})
+    try:
+        if job.runner == "tune":
+            run_worker(job, time.time())
+        else:
+            fit_train_run(job, context, trial_id)
+    except Exception as exc:  # a stop by Tune (SystemExit) leaves the run to the sweep's close_stopped_runs
+        reason = failure_reason(exc)
+        retrying(lambda: end_trial_run(client(uri), run_id, FAILED, reason=reason),
+                 what="closing the trial's MLflow run")
+        raise
+    retrying(lambda: end_trial_run(client(uri), run_id, FINISHED), what="closing the trial's MLflow run")
+
+
+def fit_train_run(job: WorkerJob, context: SweepContext, trial_id: str) -> None:
+    """A Ray Train run of the trial's workers, named after the trial so that a retried or restored trial
+    resumes from its own checkpoints; its reports reach Tune through ``TuneReportCallback``."""
+    import ray.train
+    from ray.tune.integration.ray_train import TuneReportCallback
+
     trainer = trainer_class(context)(
         train_fn_per_worker,
         # Pickled: the controller holds the config but never reads it, so it need not import this project
@@ -92,14 +112,7 @@ def trial_driver(config: dict, context: SweepContext) -> None:
             failure_config=ray.train.FailureConfig(max_failures=context.max_failures),
         ),
     )
-    try:
-        trainer.fit()
-    except Exception as exc:
-        reason = failure_reason(exc)
-        retrying(lambda: end_trial_run(client(uri), run_id, FAILED, reason=reason),
-                 what="closing the trial's MLflow run")
-        raise
-    retrying(lambda: end_trial_run(client(uri), run_id, FINISHED), what="closing the trial's MLflow run")
+    trainer.fit()
 
 
 def trainer_class(ctx: SweepContext):
@@ -139,13 +152,24 @@ def failure_reason(exc: BaseException) -> str:
 
 
 def driver_trainable(context: SweepContext):
-    """The Tune trainable: :func:`trial_driver` with the study context, placed on the head node.
+    """The Tune trainable: :func:`trial_driver` with the study context and its resources.
 
-    The driver only waits on its TorchTrainer, so it holds no CPU (the workers do). Pinning it to the
-    head means losing a worker node never kills a driver: Train restarts the lost workers elsewhere.
+    A trial that trains in Tune holds its worker's CPUs (and GPU share) itself. A trial that runs Ray Train
+    only waits on its trainer, so it holds no CPU (the workers do), and it is pinned to the head node: losing a
+    worker node then never kills a driver, and Train restarts the lost workers elsewhere.
     """
     from ray import tune
 
-    bundle = {"CPU": 0, "memory": 256 * 2**20, "node:__internal_head__": 0.001}
+    if context.job.runner == "tune":
+        gpu = {"GPU": context.gpus_per_worker} if context.gpus_per_worker else {}
+        bundle = {"CPU": context.job.cpus_per_worker, **gpu}
+    else:
+        bundle = {"CPU": 0, "memory": 256 * 2**20, "node:__internal_head__": 0.001}
     return tune.with_resources(tune.with_parameters(trial_driver, context=context),
                                tune.PlacementGroupFactory([bundle]))
+
+
+def tune_failures(context: SweepContext) -> int:
+    """Tune's retries of a failed trial: a trial that trains in Tune recovers from a lost process or node this
+    way, from its last checkpoint (``resources.max_failures``); a Ray Train run already retried its workers."""
+    return context.max_failures if context.job.runner == "tune" else 0

@@ -16,7 +16,7 @@ from ..config import Categorical, IntRange, LogUniform, QUniform, StudyConfig, U
 from ..settings import TrialSettings
 from ..vocabulary import DONE, ERROR, GENERAL_TOP1, SPECIALIZED_TOP1, TEST, TRAIN_METRICS, UNFINISHED, VAL, key
 from .summary import TrialOutcome
-from .trial import REPLICATE_GRID, SweepContext, driver_trainable, failure_reason, trial_settings
+from .trial import REPLICATE_GRID, SweepContext, driver_trainable, failure_reason, trial_settings, tune_failures
 
 
 def split_space(params: dict) -> tuple[dict[str, Any], dict[str, BaseModel]]:
@@ -110,22 +110,27 @@ def make_tuner(cfg: StudyConfig, params: dict, context: SweepContext, storage: s
     if resume:
         return tune.Tuner.restore(sweep_path(storage, name), trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False)
-    # reuse_actors=False: a stopped trial's actor is terminated, and with it the Train controller and the
-    # workers it owns; a reused actor would keep them (and their CPUs/GPUs) alive.
     tune_config = tune.TuneConfig(search_alg=searcher(cfg, name, seen), num_samples=samples or cfg.search.trials,
-                                  reuse_actors=False,
+                                  reuse_actors=reuse_actors(context),
                                   max_concurrent_trials=concurrency(cfg), scheduler=early_stopping(cfg, params))
     return tune.Tuner(trainable, param_space=tune_space(split_space(params)[1]), tune_config=tune_config,
-                      run_config=run_config(name, storage))
+                      run_config=run_config(name, storage, context))
 
 
-def run_config(name: str, storage: str):
-    """Tune's RunConfig: state under ``<storage>/<name>``, our progress lines, a failed trial stays failed
-    (its Train run already retried lost workers)."""
+def reuse_actors(context: SweepContext) -> bool:
+    """Trials that train in Tune reuse their process (already imported torch, open_clip and peft; the model
+    files are warm). A trial that runs Ray Train does not: a stopped trial's actor must be terminated, and with
+    it the Train controller and the workers it owns; a reused actor would keep them (and their CPUs/GPUs)."""
+    return context.job.runner == "tune"
+
+
+def run_config(name: str, storage: str, context: SweepContext):
+    """Tune's RunConfig: state under ``<storage>/<name>``, our progress lines, and Tune's retries of a failed
+    trial (:func:`trial.tune_failures`: none when its Train run already retried lost workers)."""
     from ray import tune
 
     return tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=[progress_callback()],
-                          failure_config=tune.FailureConfig(max_failures=0))
+                          failure_config=tune.FailureConfig(max_failures=tune_failures(context)))
 
 
 def concurrency(cfg: StudyConfig) -> int:
@@ -181,8 +186,9 @@ def make_replicate_tuner(configs: list[dict], context: SweepContext, storage: st
         return tune.Tuner.restore(sweep_path(storage, name), trainable=trainable, resume_unfinished=True,
                                   resume_errored=False)
     return tune.Tuner(trainable, param_space={REPLICATE_GRID: tune.grid_search(configs)},
-                      tune_config=tune.TuneConfig(max_concurrent_trials=concurrency(cfg), reuse_actors=False),
-                      run_config=run_config(name, storage))
+                      tune_config=tune.TuneConfig(max_concurrent_trials=concurrency(cfg),
+                                                  reuse_actors=reuse_actors(context)),
+                      run_config=run_config(name, storage, context))
 
 
 def restorable(storage: str, name: str) -> bool:
@@ -193,7 +199,7 @@ def restorable(storage: str, name: str) -> bool:
 
 def run_sweep(build_tuner, address: str | None):
     """Start (or join) Ray, build the tuner (``with_parameters`` needs Ray up), run the sweep, shut Ray
-    down; returns Tune's ``ResultGrid``.
+    down; returns Tune's ``ResultGrid`` and whether a stop signal (Ctrl-C, ``kill``) interrupted it.
 
     Without ``address`` each study starts its own local Ray (``ray.init`` joins only a Ray that ``ray start``
     recorded, as on a cluster head; it never joins another study's), so studies on one machine share no
@@ -209,11 +215,19 @@ def run_sweep(build_tuner, address: str | None):
     # state-API client at this study's Ray.
     init_ray(address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
     previous = signal.signal(signal.SIGTERM, term_as_interrupt)  # ray.init installed its own, which aborts
+    on_int = signal.getsignal(signal.SIGINT)
     try:
-        return build_tuner().fit()
+        results = build_tuner().fit()
+        # Tune's fit() installs a SIGINT handler that, once it catches a stop, puts back the one it replaced
+        # (ray/tune/tune.py, _setup_signal_catching). Its stop also ends the trials that train in Tune as
+        # TERMINATED, so only this tells an interrupted trial from one the scheduler stopped.
+        interrupted = (signal.getsignal(signal.SIGINT) is on_int
+                       and not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0")))
+        return results, interrupted
     finally:
         ray.shutdown()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, on_int)
 
 
 def term_as_interrupt(signum, frame) -> None:
@@ -223,9 +237,10 @@ def term_as_interrupt(signum, frame) -> None:
     os.kill(os.getpid(), signal.SIGINT)
 
 
-def collect(results, fixed: dict) -> list[TrialOutcome]:
+def collect(results, fixed: dict, interrupted: bool = False) -> list[TrialOutcome]:
     """Tune's results as typed :class:`TrialOutcome` rows; the trial id is Tune's own (``Result.metrics``
-    always carries it, reported or not)."""
+    always carries it, reported or not). After an interruption (see :func:`run_sweep`) a trial without its last
+    epoch's test numbers is UNFINISHED, which ``--resume`` continues."""
     rows = []
     for r in results:
         metrics = dict(r.metrics or {})
@@ -237,7 +252,7 @@ def collect(results, fixed: dict) -> list[TrialOutcome]:
             settings, replicate_of = None, None
         rows.append(TrialOutcome(metrics["trial_id"], status, settings, metrics,
                                  failure_reason(r.error) if r.error else "", replicate_of, dict(r.config or {})))
-    if sum(r.status == DONE for r in rows) > results.num_terminated:
+    if interrupted or sum(r.status == DONE for r in rows) > results.num_terminated:
         # An interruption: Tune finished fewer trials than reported epochs. The ones without their last
         # epoch's test numbers were cut off, not stopped by the scheduler; --resume continues them.
         for r in rows:

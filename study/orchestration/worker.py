@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -42,7 +42,7 @@ from ..library.zeroshot import evaluate_sets
 from ..settings import TrialSettings
 from ..vocabulary import VAL, changes
 
-__all__ = ["WorkerJob", "NonFiniteLossError", "train_fn_per_worker"]
+__all__ = ["WorkerJob", "NonFiniteLossError", "train_fn_per_worker", "run_worker"]
 
 
 class WorkerJob(BaseModel):
@@ -64,6 +64,9 @@ class WorkerJob(BaseModel):
     # Blocks per tower that no trial trains, served from the study's frozen-prefix feature stores
     # (study.library.prefix); None runs every trial on images.
     prefix_depths: Optional[dict[str, int]] = None
+    # "train": a Ray Train worker (report, checkpoints and context through ray.train); "tune": the trial's one
+    # worker runs in the Tune trial's own process (ray.tune), see study.orchestration.trial.
+    runner: Literal["train", "tune"] = "train"
 
 
 @dataclass
@@ -92,6 +95,7 @@ class Worker:
     depths: Optional[dict] = None  # frozen-prefix blocks per tower, when the cache serves this trial
     net: Any = None               # what a training step calls: model, or SuffixCLIP(model); DDP-wrapped if world > 1
     memo: dict = field(default_factory=dict)  # class-prompt text prefixes, shared by every evaluation
+    session: Any = None           # where it reports (a Session)
 
     @property
     def clip(self) -> torch.nn.Module:
@@ -100,19 +104,23 @@ class Worker:
 
 def train_fn_per_worker(config: dict) -> None:
     """Ray Train entry point: ``config["job"]`` is the trial's :class:`WorkerJob`. Fine-tunes the alignment
-    module, evaluating, recording, checkpointing and reporting after every epoch.
+    module, evaluating, recording, checkpointing and reporting after every epoch (see :func:`run_worker`)."""
+    run_worker(job_of(config), time.time())
 
-    The first epoch this worker runs also reports ``worker_start_time`` (unix seconds when this function
-    began) and ``setup_seconds`` (from then until that epoch: setup, restore, distribute, open_logger), so
-    that ``bench/speed.py`` can split a trial's overhead from the trial's MLflow run times."""
-    started = time.time()
-    import ray.train
 
-    job = job_of(config)
+def run_worker(job: WorkerJob, started: float) -> None:
+    """The worker loop, in a Ray Train worker (``job.runner == "train"``) or in the Tune trial itself
+    (``"tune"``, one worker): setup, resume from the last checkpoint, then per epoch train, evaluate (rank 0),
+    record in MLflow and report with a checkpoint.
+
+    The first epoch this worker runs also reports ``worker_start_time`` (``started``, unix seconds) and
+    ``setup_seconds`` (from then until that epoch: setup, restore, distribute, open_logger), so that
+    ``bench/speed.py`` can split a trial's overhead from the trial's MLflow run times."""
     # Ray Train logs every report with all its metrics at INFO; the study prints its own progress.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    w = setup(job)
-    restore(w, ray.train.get_checkpoint())
+    session = Session(job.runner)
+    w = setup(job, session)
+    restore(w, session.checkpoint())
     distribute(w)
     w.logger = open_logger(w)
     timing = {"worker_start_time": started, "setup_seconds": time.time() - started}  # first epoch only
@@ -136,6 +144,50 @@ def train_fn_per_worker(config: dict) -> None:
         w.logger.close()
 
 
+@dataclass
+class Session:
+    """Where the worker loop reports: Ray Train's per-worker API, or Ray Tune's function-trainable API when the
+    trial's one worker runs in the Tune trial (``ray.tune.report``/``get_checkpoint``, Ray's documented
+    Function Trainable API, ``doc/source/tune/api/trainable.rst``)."""
+
+    runner: str
+
+    def place(self) -> tuple[int, int, torch.device]:
+        """(rank, world size, device). In Tune: rank 0 of 1, on the GPU Ray assigned (``CUDA_VISIBLE_DEVICES``
+        holds only it) or the CPU."""
+        if self.runner == "tune":
+            import ray
+
+            gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+            return 0, 1, torch.device("cuda", 0) if gpu else torch.device("cpu")
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+    def checkpoint(self):
+        """The last reported checkpoint of this trial (a retried or restored attempt), or None."""
+        if self.runner == "tune":
+            import ray.tune
+
+            return ray.tune.get_checkpoint()
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, directory: Optional[str]) -> None:
+        """Report ``metrics``, with the checkpoint in ``directory`` (copied to the run's storage) if given."""
+        if self.runner == "tune":
+            import ray.tune
+
+            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(directory) if directory else None)
+            return
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
+
+
 def job_of(config: dict) -> WorkerJob:
     """``config["job"]``: a :class:`WorkerJob`, or one pickled by the trial driver (Train's controller, which
     holds the config, then needs none of this project's modules to unpickle it)."""
@@ -143,18 +195,14 @@ def job_of(config: dict) -> WorkerJob:
     return WorkerJob.model_validate(pickle.loads(job) if isinstance(job, bytes) else job)
 
 
-def setup(job: WorkerJob) -> Worker:
+def setup(job: WorkerJob, session: Session) -> Worker:
     """Base model, the nested data subset, the tether targets, the alignment module and its optimizer."""
-    import ray.train
-    import ray.train.torch
     from open_clip.loss import ClipLoss
 
     s = job.settings
-    ctx = ray.train.get_context()
     torch.set_num_threads(max(1, int(job.cpus_per_worker)))
     torch.manual_seed(s.seed)
-    device = ray.train.torch.get_device()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world, device = session.place()
     lm = load_base_model(job.model_name, job.model_pretrained)
     lm.model.to(device)
     depths = cached_depths(job, lm.model)
@@ -173,7 +221,7 @@ def setup(job: WorkerJob) -> Worker:
     return Worker(job, rank, world, device, lm.tokenizer, pairs, model, trainable_state(model), opt, sched,
                   steps_per_epoch, global_batch, autocast, scaler,
                   ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world), sets=sets,
-                  depths=depths)
+                  depths=depths, session=session)
 
 
 def cached_depths(job: WorkerJob, clip: torch.nn.Module) -> Optional[dict]:
@@ -223,11 +271,11 @@ def restore(w: Worker, checkpoint) -> None:
 
 def distribute(w: Worker) -> None:
     """DDP across the trial's workers (gloo on CPU, nccl on GPU); one worker just moves to its device."""
-    import ray.train.torch
-
     w.model = w.model.to(w.device)
     net = SuffixCLIP(w.model, w.depths) if w.depths else w.model
     if w.world > 1:
+        import ray.train.torch
+
         net = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": False})
     w.net = net
 
@@ -301,23 +349,19 @@ def evaluate(w: Worker, final: bool) -> dict:
 
 def checkpoint_and_report(w: Worker, epoch: int, metrics: dict) -> None:
     """Record the epoch in MLflow (rank 0; at the last epoch everything, before Tune sees the result and may
-    stop the trial), then save the checkpoint and report to Ray Train."""
-    import ray.train
-
+    stop the trial), then save the checkpoint and report it (to Ray Train, or to Tune for a trial run in Tune)."""
     if w.logger:
         w.logger.log_epoch(metrics, step=epoch + 1)
         if epoch + 1 == w.job.settings.epochs:
             w.logger.log_final(w.model, metrics)
             w.logger.close()
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = None
         if w.rank == 0:
             torch.save({"trainable": trainable_state(w.model), "optimizer": w.opt.state_dict(),
                         "scheduler": w.sched.state_dict(), "epoch": epoch + 1, "initial": w.initial},
                        Path(tmp) / "state.pt")
             (Path(tmp) / "metrics.json").write_text(json.dumps(metrics, default=float))  # numpy scalars too
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics if w.rank == 0 else {}, checkpoint=ckpt)
+        w.session.report(metrics if w.rank == 0 else {}, tmp if w.rank == 0 else None)
 
 
 def report_restored(w: Worker) -> None:
@@ -328,9 +372,7 @@ def report_restored(w: Worker) -> None:
     result or a stale one (Tune then fails on the missing metric, or keeps an earlier epoch's numbers). Its
     MLflow records were all written before the checkpoint, so only the logger is closed first.
     """
-    import ray.train
-
     if w.logger:
         w.logger.close()
     if w.restored_metrics:  # all ranks read the same checkpoint, so all report or none does
-        ray.train.report(w.restored_metrics if w.rank == 0 else {}, checkpoint=None)
+        w.session.report(w.restored_metrics if w.rank == 0 else {}, None)
