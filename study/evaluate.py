@@ -11,12 +11,14 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from .checks import Parser, check_folder, positive_int
 from .config import ConfigError
 from .library.benchmarks import SpecError, decode, load_spec, shipped_specs
+from .library.export import ExportError
 from .library.models import OFFLINE_MODEL, ModelError, check_model, load_base_model
 from .library.sources import DataError
 
@@ -26,6 +28,7 @@ EXAMPLES = """examples:
   python -m study.evaluate --model hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 \\
       --benchmark pathmnist --json results.json
   python -m study.evaluate --model ViT-B-32 --pretrained ./finetuned.pt --benchmark my_spec.yaml
+  python -m study.evaluate --run-id 3f2a... --benchmark micrographs      # a trial's fine-tuned model
 """
 
 
@@ -48,7 +51,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-seed", type=int, default=0, help="seed of the generated offline domains (default: 0)")
     p.add_argument("--offline-scale", type=float, default=1.0, help="size of the generated domains, (0, 1]")
     p.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
+    p.add_argument("--run-id", help="evaluate this trial run's fine-tuned model (LoRA merged; see python -m "
+                                    "study.export) instead of --model/--pretrained")
+    p.add_argument("--alpha", default="1", help="with --run-id: WiSE-FT alpha in [0, 1], or 'best' (default: 1)")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="with --run-id: the MLflow store (env MLFLOW_TRACKING_URI; default sqlite:///mlflow.db here)")
     return p
+
+
+def run_model(args, tmp: Path) -> tuple[str, str]:
+    """``--run-id``: the trial's model exported into ``tmp``, as (open_clip model name, checkpoint path)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from .checks import tracking_uri
+    from .export import alpha_of, export_run
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    given = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    args.tracking_uri = tracking_uri(given, "--tracking-uri" if args.tracking_uri or not given else "MLFLOW_TRACKING_URI")
+    c = MlflowClient(args.tracking_uri)
+    try:
+        run = c.get_run(args.run_id)
+    except MlflowException:
+        raise ConfigError(f"--run-id: no run {args.run_id!r} at {args.tracking_uri}") from None
+    path, notes = export_run(c, run, alpha_of(args.alpha, run), tmp)
+    return notes["model"], str(path)
 
 
 def resolve_weights(model: str, pretrained: str | None, cache_dir: Path) -> str | None:
@@ -105,11 +133,17 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         check_args(args)
         specs = [load_spec(ref) for ref in args.benchmark]
-        pretrained = resolve_weights(args.model, args.pretrained, args.cache_dir.resolve())
-        t0 = time.time()
-        metrics = evaluate_specs(args.model, pretrained, specs, args.cache_dir.resolve(), args.device,
-                                 args.batch_size, args.data_seed, args.offline_scale)
-    except (ConfigError, SpecError, DataError, ModelError, OSError) as exc:
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.run_id:
+                args.model, pretrained = run_model(args, Path(tmp))
+            else:
+                pretrained = resolve_weights(args.model, args.pretrained, args.cache_dir.resolve())
+            t0 = time.time()
+            metrics = evaluate_specs(args.model, pretrained, specs, args.cache_dir.resolve(), args.device,
+                                     args.batch_size, args.data_seed, args.offline_scale)
+        if args.run_id:
+            pretrained = f"run {args.run_id}, WiSE-FT alpha {args.alpha}"
+    except (ConfigError, SpecError, DataError, ModelError, ExportError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -102,22 +102,41 @@ def tower_is_frozen(s: TrialSettings, tower: str) -> bool:
 def weight_change_norm(model: torch.nn.Module, initial: dict[str, torch.Tensor]) -> float:
     """‖ΔW‖: Frobenius norm of the change to the effective weights of the trainable part.
 
-    For LoRA layers that is the delta ``scale * B @ A`` peft adds to the frozen
-    weight; for the projections and temperature, the change from ``initial``.
+    For a LoRA Linear that is the delta ``scale * B @ A`` peft adds to the frozen weight. For a LoRA
+    ``nn.MultiheadAttention`` it is measured from the weights peft's own merge produces (the merge its forward
+    runs on every call): peft <= 0.21 adds the ``out_proj`` delta twice there, once in the attention's merge
+    and once in the nested Linear's (huggingface/peft#3774), so the effective change is not the sum of the
+    layers' ``get_delta_weight``. For the projections and temperature, the change from ``initial``.
     """
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import MultiheadAttention as LoraMHA
 
     m = undistributed(model)
     total = 0.0
     with torch.no_grad():
+        nested = {id(mod.get_base_layer().out_proj) for mod in m.modules() if isinstance(mod, LoraMHA)}
         for module in m.modules():
-            if isinstance(module, LoraLayer):
+            if isinstance(module, LoraMHA):
+                total += _merged_change(module) ** 2
+            elif isinstance(module, LoraLayer) and id(module) not in nested:
                 for adapter in module.active_adapters:
                     total += float(module.get_delta_weight(adapter).float().pow(2).sum())
         for n, p in m.named_parameters():
             if p.requires_grad and "lora_" not in n and n in initial:
                 total += float((p.detach().cpu().float() - initial[n].float()).pow(2).sum())
     return total ** 0.5
+
+
+def _merged_change(module) -> float:
+    """‖ΔW‖ of a peft LoRA ``MultiheadAttention``'s in_proj and out_proj weights, as its merge applies them."""
+    base = module.get_base_layer()
+    before = [base.in_proj_weight.detach().clone(), base.out_proj.get_base_layer().weight.detach().clone()]
+    module.merge()
+    try:
+        after = [base.in_proj_weight.detach(), base.out_proj.get_base_layer().weight.detach()]
+        return float(sum((a.float() - b.float()).pow(2).sum() for a, b in zip(after, before))) ** 0.5
+    finally:
+        module.unmerge()
 
 
 def save_adapter(model: torch.nn.Module, out_dir: Path) -> Path:

@@ -1,0 +1,127 @@
+"""A trial back as a model: the exported open_clip checkpoint reproduces the trial's logged metrics, and the live
+peft model, the merged checkpoint and the logged ‖ΔW‖ describe the same change."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import mlflow_runs, run_cli
+
+
+def _lora_model(seed: int = 0):
+    """The offline model (random init) with LoRA on attention and MLP of its last 2 blocks in both towers, the
+    projections and temperature trainable, every LoRA B and the projections moved away from their init."""
+    from study.library.alignment import apply_alignment_module, trainable_state
+    from study.library.models import load_base_model
+    from study.settings import TrialSettings
+
+    torch.manual_seed(seed)
+    lm = load_base_model("clip-study-tiny", None)
+    base = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    s = TrialSettings(lora_blocks=2, lora_rank=4, lora_targets=["attn", "mlp"], lora_towers=["image", "text"])
+    model = apply_alignment_module(lm.model, s)
+    initial = trainable_state(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * (0.05 if "lora_" in n else 0.01))
+    return lm, model, base, initial
+
+
+def test_live_model_merged_checkpoint_and_weight_change_norm_agree(tmp_path):
+    """peft <= 0.21 applies a LoRA nn.MultiheadAttention's out_proj delta twice (huggingface/peft#3774), in the
+    forward as in the merge; ‖ΔW‖ must measure what the model computes, not the sum of get_delta_weight."""
+    import open_clip
+
+    from study.library.alignment import weight_change_norm
+    from study.library.export import merged_clip, write_checkpoint
+    from study.library.models import register_configs
+
+    lm, model, base, initial = _lora_model()
+    model.eval()
+    images = torch.randn(3, 3, 32, 32)
+    tokens = lm.tokenizer(["a rod-shaped bacterium", "a red circle", "cocci in chains"])
+    with torch.no_grad():
+        live = [model.encode_image(images), model.encode_text(tokens)]
+    logged = weight_change_norm(model, initial)
+
+    path = write_checkpoint(merged_clip(model), tmp_path / "merged.pt")
+    register_configs()
+    loaded, _, _ = open_clip.create_model_and_transforms("clip-study-tiny", pretrained=str(path), weights_only=True)
+    loaded.eval()
+    with torch.no_grad():
+        merged = [loaded.encode_image(images), loaded.encode_text(tokens)]
+    for a, b in zip(live, merged):
+        assert (a - b).abs().max().item() < 1e-5
+
+    state = loaded.state_dict()
+    real = sum(float((state[k].float() - base[k].float()).pow(2).sum()) for k in base if k in state) ** 0.5
+    assert real > 0.1
+    assert logged == pytest.approx(real, rel=1e-5)
+
+
+def test_export_reproduces_the_trials_logged_metrics_and_registers_the_model(tmp_path, smoke_cache):
+    proc = run_cli(["--smoke-test", "--trials", "1", "--set", "params.epochs=2"], tmp_path, smoke_cache)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    c, runs = mlflow_runs(tmp_path)
+    trial = next(r for r in runs if r.data.tags["study.kind"] == "trial")
+    alpha = trial.data.metrics["wiseft_best_alpha"]
+
+    export = subprocess.run([sys.executable, "-m", "study.export", "--alpha", "best", "--out", "exports",
+                             "--register", "clip-smoke"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stdout[-3000:] + export.stderr[-3000:]
+    assert "open_clip.create_model_and_transforms" in export.stdout and "registered as 'clip-smoke'" in export.stdout
+    ckpt = next((tmp_path / "exports").glob("*.pt"))
+    notes = json.loads(ckpt.with_suffix(".json").read_text())
+    assert notes["run_id"] == trial.info.run_id and notes["alpha"] == alpha
+
+    # Evaluated afresh from the checkpoint alone, through open_clip's own loader, on the same benchmark parts.
+    import open_clip
+
+    from study.config import load_study_config
+    from study.library.benchmarks import eval_sets
+    from study.library.zeroshot import evaluate_sets
+    from study.run import SMOKE_OVERRIDES
+
+    cfg, _ = load_study_config(None, SMOKE_OVERRIDES)
+    open_clip.add_model_config(str(tmp_path / "exports"))
+    model, _, preprocess = open_clip.create_model_and_transforms("clip-study-tiny", pretrained=str(ckpt),
+                                                                 weights_only=True)
+    sets = eval_sets(cfg.data, smoke_cache, preprocess, validation_share=cfg.evaluation.validation_share)
+    metrics, _, _ = evaluate_sets(model.eval(), open_clip.get_tokenizer("clip-study-tiny"), sets, "cpu", detailed=True)
+    m = trial.data.metrics
+    # The trial logged the chosen alpha's numbers as val/wiseft_best_* and test/wiseft_best_*.
+    for part in ("val", "test"):
+        for name in ("specialized_top1", "general_top1"):
+            assert metrics[f"{part}/{name}"] == pytest.approx(m[f"{part}/wiseft_best_{name}"], abs=1e-5), (part, name)
+    assert metrics["val/specialized_balanced_accuracy"] == pytest.approx(
+        m[f"val/wiseft/alpha_{alpha:g}/specialized_balanced_accuracy"], abs=1e-5)
+
+    from mlflow.tracking import MlflowClient
+
+    registry = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    version = registry.get_latest_versions("clip-smoke")[0]
+    assert version.run_id == trial.info.run_id
+    after = registry.get_run(trial.info.run_id)
+    assert after.info.status == "FINISHED" and after.info.end_time == trial.info.end_time
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--run-id", "nope"], "--run-id: no run 'nope'"),
+    (["--alpha", "2"], "--alpha: 2 is outside [0, 1]"),
+    (["--experiment", "absent"], "--experiment: no MLflow experiment named 'absent'"),
+])
+def test_export_bad_input_exits_2_with_one_line(tmp_path, argv, message):
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("clip-alignment-study")
+    proc = subprocess.run([sys.executable, "-m", "study.export", *argv], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), proc.stderr
+    assert not (tmp_path / "exports").exists()
