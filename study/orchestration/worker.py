@@ -91,6 +91,9 @@ class Worker:
     sets: list = field(default_factory=list)  # benchmarks (rank 0 only)
     start_epoch: int = 0
     restored_metrics: dict = field(default_factory=dict)  # what the restored checkpoint's epoch reported
+    # Every epoch's result so far, by step (rank 0), kept in each checkpoint: a resumed attempt writes to MLflow
+    # what the lost one had queued but not yet written when it died.
+    history: dict = field(default_factory=dict)
     logger: Any = None            # rank 0's TrialLogger, when the trial has an MLflow run
     depths: Optional[dict] = None  # frozen-prefix blocks per tower, when the cache serves this trial
     net: Any = None               # what a training step calls: model, or SuffixCLIP(model); DDP-wrapped if world > 1
@@ -116,9 +119,8 @@ def run_worker(job: WorkerJob, started: float) -> None:
     The first epoch this worker runs also reports ``worker_start_time`` (``started``, unix seconds) and
     ``setup_seconds`` (from then until that epoch: setup, restore, distribute, open_logger), so that
     ``bench/speed.py`` can split a trial's overhead from the trial's MLflow run times."""
-    # Ray Train logs every report with all its metrics at INFO; the study prints its own progress.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
     session = Session(job.runner)
+    session.quiet()
     w = setup(job, session)
     restore(w, session.checkpoint())
     distribute(w)
@@ -151,6 +153,18 @@ class Session:
     Function Trainable API, ``doc/source/tune/api/trainable.rst``)."""
 
     runner: str
+
+    def quiet(self) -> None:
+        """Ray Train logs every report with all its metrics at INFO (about 8 KB a line, through a logger named
+        after its file, so ``ray.train``'s level misses it); the study prints its own progress."""
+        if self.runner != "train":
+            return
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        try:
+            from ray.train.v2._internal.execution import context as train_context
+        except ImportError:  # another Ray layout: its lines stay
+            return
+        train_context.logger.setLevel(logging.WARNING)
 
     def place(self) -> tuple[int, int, torch.device]:
         """(rank, world size, device). In Tune: rank 0 of 1, on the GPU Ray assigned (``CUDA_VISIBLE_DEVICES``
@@ -267,6 +281,8 @@ def restore(w: Worker, checkpoint) -> None:
     w.initial = state["initial"]
     if (Path(d) / "metrics.json").exists():  # rank 0's result of that epoch (older checkpoints lack it)
         w.restored_metrics = json.loads((Path(d) / "metrics.json").read_text())
+    if (Path(d) / "history.json").exists():
+        w.history = {int(step): m for step, m in json.loads((Path(d) / "history.json").read_text()).items()}
 
 
 def distribute(w: Worker) -> None:
@@ -289,6 +305,8 @@ def open_logger(w: Worker):
     logger = TrialLogger(w.job.tracking_uri, w.job.run_id)
     if w.start_epoch:
         logger.log_resume(w.start_epoch)
+        for step, metrics in sorted(w.history.items()):  # steps MLflow already holds are skipped
+            logger.log_epoch(metrics, step)
     return logger
 
 
@@ -361,6 +379,8 @@ def checkpoint_and_report(w: Worker, epoch: int, metrics: dict) -> None:
                         "scheduler": w.sched.state_dict(), "epoch": epoch + 1, "initial": w.initial},
                        Path(tmp) / "state.pt")
             (Path(tmp) / "metrics.json").write_text(json.dumps(metrics, default=float))  # numpy scalars too
+            w.history[epoch + 1] = metrics
+            (Path(tmp) / "history.json").write_text(json.dumps(w.history, default=float))
         w.session.report(metrics if w.rank == 0 else {}, tmp if w.rank == 0 else None)
 
 
@@ -373,6 +393,8 @@ def report_restored(w: Worker) -> None:
     MLflow records were all written before the checkpoint, so only the logger is closed first.
     """
     if w.logger:
+        if w.restored_metrics:  # the lost attempt may have died before its final records reached MLflow
+            w.logger.log_final(w.model, w.restored_metrics, only_if_missing=True)
         w.logger.close()
     if w.restored_metrics:  # all ranks read the same checkpoint, so all report or none does
         w.session.report(w.restored_metrics if w.rank == 0 else {}, None)
