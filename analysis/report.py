@@ -215,14 +215,49 @@ def write_report(rec: StudyRecords, out: Path) -> tuple[Path, list[str]]:
         md += ["## Left out of the fits", "", _markdown_table(rec.excluded[["trial_id", "status", "failure_reason"]]), ""]
     path = out / "report.md"
     path.write_text("\n".join(md))
+    (out / "report.html").write_text(html_report(rec, lines, [p for p in figures if p is not None]))
     return path, lines
 
 
+def html_report(rec: StudyRecords, lines: list[str], figures: list[Path]) -> str:
+    """``report.md`` as one self-contained HTML page: the figures inline (base64 PNG), the tables scrollable,
+    so that MLflow's artifact viewer shows it as it is (it renders HTML, but shows Markdown as raw text)."""
+    import base64
+    import html
+
+    def table(df: pd.DataFrame) -> str:
+        cols = [c for c in TABLE_COLUMNS if c in df]
+        if not len(df):
+            return "<p><em>none</em></p>"
+        return ('<div style="overflow-x:auto">'
+                + df[cols].to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, na_rep="") + "</div>")
+
+    imgs = [f'<figure><img alt="{html.escape(p.stem)}" style="max-width:100%" src="data:image/png;base64,'
+            f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(p.stem)}</figcaption></figure>'
+            for p in figures]
+    parts = [f"<h1>Finding: {html.escape(rec.experiment)}</h1>",
+             f"<p>Sweep (MLflow parent run) <code>{rec.parent_run_id}</code>. Trials are chosen on the validation part "
+             f"of each benchmark; every number reported is on the held-out test part. Headline metric: "
+             f"{html.escape(metric_words(rec.headline))}.</p>",
+             "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in lines) + "</ul>", "<h2>Figures</h2>", *imgs,
+             "<h2>Trials</h2>", table(rec.trials)]
+    if len(rec.excluded):
+        parts += ["<h2>Left out of the fits</h2>", table(rec.excluded)]
+    style = ("body{font-family:sans-serif;margin:1.5em;max-width:1200px}table{border-collapse:collapse;"
+             "font-size:0.85em}td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}")
+    return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(rec.experiment)}</title>'
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+
+
+# The report's trial table: knobs, then the test numbers (the rest is in trials.csv).
+TABLE_COLUMNS = ["trial_id", "status", "learning_rate", "lora_rank", "data_fraction", "tether_weight", "lora_blocks",
+                 "steps", "weight_change_norm", "specialized_balanced_accuracy", "specialized_top1",
+                 "general_balanced_accuracy", "general_top1", "specialized_gain_pts", "general_change_pts",
+                 "collapsed", "failure_reason"]
+
+
 def _markdown_table(df: pd.DataFrame) -> str:
-    cols = [c for c in ["trial_id", "status", "learning_rate", "lora_rank", "data_fraction", "tether_weight",
-                        "lora_blocks", "steps", "weight_change_norm", "specialized_balanced_accuracy",
-                        "specialized_top1", "general_balanced_accuracy", "general_top1", "specialized_gain_pts",
-                        "general_change_pts", "collapsed", "failure_reason"] if c in df]
+    cols = [c for c in TABLE_COLUMNS if c in df]
     if not len(df):
         return "_none_"
 

@@ -10,6 +10,7 @@ into :class:`TrialSettings` on its first line.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -205,6 +206,16 @@ class SearchSection(_Strict):
     # are rerun until each configuration has `replicate_seeds` seeds; the summary shows mean +/- sd.
     replicate_seeds: int = Field(1, ge=1, le=100)
     replicate_top: Optional[int] = Field(3, ge=1)
+    # Optuna's sampler: "auto" is TPE (its first min(4, trials) trials random), NSGA-II for a Pareto search.
+    # "cmaes" needs the `cmaes` package and one objective; "gp" (Gaussian process) needs few trials to pay off.
+    sampler: Literal["auto", "tpe", "random", "qmc", "gp", "cmaes", "nsgaii", "nsgaiii"] = "auto"
+
+    @field_validator("sampler")
+    @classmethod
+    def _installed(cls, v):
+        if v == "cmaes" and importlib.util.find_spec("cmaes") is None:
+            raise ValueError("cmaes needs the cmaes package (pip install cmaes)")
+        return v
 
 
 class EvaluationSection(_Strict):
@@ -263,6 +274,9 @@ class StudyConfig(_Strict):
     def _default_objective(self):
         if self.search.objective is None:
             self.search.objective = [Objective(metric=headline("specialized", self.evaluation.headline))]
+        if self.search.sampler == "cmaes" and len(self.search.objective) > 1:
+            raise ValueError("search.sampler: cmaes searches one objective; use nsgaii, tpe or random for a "
+                             "Pareto search")
         return self
 
     @property

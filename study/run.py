@@ -13,6 +13,11 @@ import signal
 import sys
 from pathlib import Path
 
+if __name__ == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]):
+    # Within the first second: the imports and checks below take several (torch alone about 2 s).
+    print("[study] checking the configuration, data, model and tracking store; nothing starts until they pass",
+          flush=True)
+
 from .checks import Parser, count_or_auto, positive_int
 from .config import SPACES_DIR, Blame, ConfigError, load_study_config, parse_override
 from .library.models import ModelError

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 from helpers import mlflow_runs, run_cli
@@ -32,8 +34,27 @@ def test_smoke_study_records_parent_baseline_and_one_child_per_trial(tmp_path, s
                                                                        "analysis"}
     assert "trade-off report" in out
     report = {a.path for a in c.list_artifacts(parent.info.run_id, "analysis")}
-    assert {"analysis/report.md", "analysis/trials.csv", "analysis/tradeoff_map.png",
+    assert {"analysis/report.md", "analysis/report.html", "analysis/trials.csv", "analysis/tradeoff_map.png",
             "analysis/wiseft_curves.png"} <= report
+    html = Path(c.download_artifacts(parent.info.run_id, "analysis/report.html", str(tmp_path))).read_text()
+    assert html.count('src="data:image/png;base64,') >= 4 and "<table" in html  # MLflow's viewer renders it
+
+    # Readable in the MLflow UI: the experiment opens on its training runs, run names tell runs apart, and the
+    # parent's row carries the sweep's headline.
+    assert c.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert re.fullmatch(r"sweep \d\d:\d\d:\d\d \d{4}-\d\d-\d\d", parent.info.run_name), parent.info.run_name
+    names = {r.data.tags["study.kind"]: r.info.run_name for r in runs if r.data.tags["study.kind"] != "trial"}
+    assert names["baseline"] == f"baseline · {parent.info.run_name}"
+    assert names["replicate"].startswith("rep seed=1 of ")
+    trial_names = sorted(r.info.run_name for r in runs if r.data.tags["study.kind"] == "trial")
+    assert [n[:4] for n in trial_names] == ["t01 ", "t02 "] and all("lr=" in n for n in trial_names), trial_names
+    inputs = {(d.dataset.name, d.dataset.source_type, d.tags[0].value) for d in
+              c.get_run(parent.info.run_id).inputs.dataset_inputs}
+    assert ("finetune (train)", "code", "training") in inputs and len(inputs) >= 3, inputs  # + the benchmarks
+    pm = c.get_run(parent.info.run_id).data.metrics
+    assert pm["trials_finished"] == 2 and pm["trials_failed"] == 0
+    assert (pm["best/test/specialized_balanced_accuracy_gain_ci_low"] <= pm["best/test/specialized_balanced_accuracy_gain"]
+            <= pm["best/test/specialized_balanced_accuracy_gain_ci_high"])
     assert "WiSE-FT (trained change x alpha): alpha" in out and "paired 95% CI [" in out and "Holm-adjusted" in out
 
     baseline = next(r for r in children if r.data.tags["study.kind"] == "baseline")

@@ -81,7 +81,10 @@ def pretrain(out_path: Path, cache_dir: Path, s: PretrainSettings) -> dict:
     gen = torch.Generator().manual_seed(s.seed)
     model.train()
     order, pos = torch.randperm(len(images), generator=gen), 0
-    for step in range(1, s.steps + 1):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(1, s.steps + 1), desc="[pretrain]", unit="step", disable=None)  # a bar on a terminal only
+    for step in bar:
         if pos + s.batch_size > len(order):
             order, pos = torch.randperm(len(images), generator=gen), 0
         idx = order[pos:pos + s.batch_size]
@@ -93,7 +96,8 @@ def pretrain(out_path: Path, cache_dir: Path, s: PretrainSettings) -> dict:
         opt.step()
         sched.step()
         clamp_logit_scale(model.logit_scale)
-        if step % max(1, s.steps // 10) == 0 or step == s.steps:
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if bar.disable and (step % max(1, s.steps // 10) == 0 or step == s.steps):  # logs get ten lines
             print(f"[pretrain] step {step}/{s.steps}  loss {loss.item():.3f}  {time.time() - t0:.0f}s", flush=True)
     values, _, _ = evaluate_sets(model, tok, sets, "cpu")
     metrics = {k.removeprefix("test/general_"): v for k, v in values.items() if k.startswith("test/general_")}

@@ -96,8 +96,10 @@ def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, caption_image: torch
 @torch.no_grad()
 def evaluate_sets(model, tokenizer, sets, device, *, detailed: bool = False, baseline_predictions=None,
                   cache: FeatureCache | None = None, frozen_image: bool = False, frozen_text: bool = False,
-                  seed: int = 0, batch_size: int = 256, collapse_share: float = 0.9) -> tuple[dict, dict, dict]:
-    """Zero-shot metrics of ``model`` on every benchmark of a study.
+                  seed: int = 0, batch_size: int = 256, collapse_share: float = 0.9,
+                  progress: str | None = None) -> tuple[dict, dict, dict]:
+    """Zero-shot metrics of ``model`` on every benchmark of a study; ``progress``: a progress bar's label (shown
+    on a terminal).
 
     ``sets``: :class:`~study.library.benchmarks.EvalSet` list. Returns ``(metrics, confusions, predictions)``:
     metrics keyed ``<set.key><metric>``; with ``detailed``,
@@ -113,7 +115,9 @@ def evaluate_sets(model, tokenizer, sets, device, *, detailed: bool = False, bas
     def embed(kind: str, key: str, frozen: bool, compute):
         return cache.get(kind, key, compute) if frozen and cache is not None else compute()
 
-    for s in sets:
+    from tqdm.auto import tqdm
+
+    for s in tqdm(sets, desc=progress, unit="benchmark part", disable=None if progress else True, leave=False):
         img = embed("image", s.fingerprint, frozen_image, lambda: image_features(model, s.images, device, batch_size))
         if s.spec.task == "retrieval":
             txt = embed("captions", s.fingerprint, frozen_text,

@@ -74,7 +74,8 @@ def prepare(cfg: StudyConfig, cache_dir: Path, params: Optional[dict] = None) ->
         sets, model = prefix_sets(lm, cfg.model.name, pretrained, depths, sets, cache_dir), SuffixEncoder(lm.model, depths)
     baseline, confusions, predictions = evaluate_sets(
         model, lm.tokenizer, sets, "cpu", detailed=True, cache=feature_cache(cache_dir, cfg.model.name, pretrained),
-        frozen_image=True, frozen_text=True, collapse_share=cfg.evaluation.collapse_share)
+        frozen_image=True, frozen_text=True, collapse_share=cfg.evaluation.collapse_share,
+        progress="[study] baseline zero-shot")
     return Prepared(pretrained, len(ft["store"]), baseline, predictions, confusions, time.time() - t0, overlap,
                     transfer_kind(ft["classnames"], sets), depths)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from ..vocabulary import (KIND_TAG, OVERLAP_METRIC, PARENT_TAG, REPLICATED, ROLE
 from . import tracking
 from .prepare import Prepared
 from .replicates import format_spreads, pick_best, replicate_configs, spread_metrics, spreads
-from .summary import TrialOutcome, failure_counts, format_summary
+from .summary import TrialOutcome, failure_counts, format_summary, headline_metrics
 from .trial import SweepContext
 from .tuner import collect, make_replicate_tuner, make_tuner, restorable, run_sweep, split_space, sweep_path
 from .worker import WorkerJob
@@ -72,7 +73,7 @@ def start_sweep_runs(cfg: StudyConfig, prepared: Prepared, tracking_uri: str, sw
     exp_id = tracking.ensure_experiment(c, cfg.name, tracking_uri)
     tags = {KIND_TAG: SWEEP, SWEEP_TAG: sweep_name, TRANSFER_TAG: "in-distribution" if prepared.transfer else "zero-shot",
             **({TRANSFER_NOTE_TAG: prepared.transfer} if prepared.transfer else {}), **tracking.provenance_tags()}
-    parent = c.create_run(exp_id, tags=tags, run_name=sweep_name).info.run_id
+    parent = c.create_run(exp_id, tags=tags, run_name=sweep_label(sweep_name)).info.run_id
     try:
         baseline = record_sweep_start(c, exp_id, parent, cfg, prepared)
     except BaseException as exc:  # the sweep never started: close what was opened, then fail as before
@@ -80,6 +81,13 @@ def start_sweep_runs(cfg: StudyConfig, prepared: Prepared, tracking_uri: str, sw
                     130 if isinstance(exc, KeyboardInterrupt) else 1, f"{type(exc).__name__}: {exc}")
         raise
     return {"experiment_id": exp_id, "parent_run_id": parent, "baseline_run_id": baseline}
+
+
+def sweep_label(sweep_name: str) -> str:
+    """The parent run's name: ``sweep-20261129-093105`` -> ``sweep 09:31:05 2026-11-29``, the part that tells
+    sweeps apart first (the runs table cuts long names)."""
+    m = re.fullmatch(r"sweep-(\d{4})(\d{2})(\d{2})-(\d{2})(\d{2})(\d{2})", sweep_name)
+    return f"sweep {m[4]}:{m[5]}:{m[6]} {m[1]}-{m[2]}-{m[3]}" if m else sweep_name
 
 
 def record_sweep_start(c, exp_id: str, parent: str, cfg: StudyConfig, prepared: Prepared) -> str:
@@ -94,8 +102,12 @@ def record_sweep_start(c, exp_id: str, parent: str, cfg: StudyConfig, prepared: 
                                yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     tracking.log_dict_artifact(c, parent, tracking.package_versions(), "package_versions.json")
     base_tags = {PARENT_TAG: parent, KIND_TAG: BASELINE, **tracking.provenance_tags()}
-    baseline = c.create_run(exp_id, tags=base_tags, run_name=BASELINE).info.run_id
+    label = sweep_label(c.get_run(parent).data.tags.get(SWEEP_TAG, ""))
+    baseline = c.create_run(exp_id, tags=base_tags, run_name=f"{BASELINE} · {label}").info.run_id
     tracking.log_params(c, baseline, {"model.name": cfg.model.name, "model.pretrained": str(prepared.model_pretrained)})
+    c.log_inputs(parent, tracking.dataset_inputs(cfg.data, {"finetune": "training", "specialized": "evaluation",
+                                                             "general": "evaluation"}))
+    c.log_inputs(baseline, tracking.dataset_inputs(cfg.data, {"specialized": "evaluation", "general": "evaluation"}))
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -220,12 +232,23 @@ def sweep_and_report(cfg: StudyConfig, params: dict, prepared: Prepared, opts: R
             return 130, INTERRUPTED
         spread_lines = format_spreads(spread, state["baseline"])
     adjusted = annotate_trials(state, rows)
+    log_headline(state, headline_metrics(rows, state["baseline"], cfg))
     print(format_summary(rows, state["baseline"], cfg, state["tracking_uri"], state["parent_run_id"], spread_lines,
                          adjusted, prepared.transfer), flush=True)
     if not done:
         return 1, f"all {len(rows)} trials failed: {failure_counts([r for r in rows if r.status == ERROR])}"
     analyse(state["tracking_uri"], cfg.name, state["parent_run_id"], opts.output_dir)
     return 0, ""
+
+
+def log_headline(state: dict, metrics: dict[str, float]) -> None:
+    """The sweep's headline numbers on its parent run (:func:`summary.headline_metrics`), so that the runs table
+    shows them on the sweep's row."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    tracking.client(state["tracking_uri"]).log_batch(
+        state["parent_run_id"], metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
 
 
 def sweep_parts(cfg: StudyConfig, params: dict, context: SweepContext, state: dict,
@@ -238,7 +261,8 @@ def sweep_parts(cfg: StudyConfig, params: dict, context: SweepContext, state: di
     complete = True
     for name in state.setdefault("parts", [state["sweep"]]):
         restore = opts.resume and restorable(state["storage"], name)
-        results, interrupted = run_sweep(lambda: make_tuner(cfg, params, context, state["storage"], name, restore,
+        part_ctx = context.model_copy(update={"trial_offset": len(rows)})  # run names number on across parts
+        results, interrupted = run_sweep(lambda: make_tuner(cfg, params, part_ctx, state["storage"], name, restore,
                                                             planned.get(name), rows), opts.address)
         part = collect(results, fixed, interrupted)
         # interrupted: a trial cut off, or fewer trials than the part planned (a sweep saved before parts had
@@ -253,7 +277,8 @@ def sweep_parts(cfg: StudyConfig, params: dict, context: SweepContext, state: di
     state["parts"].append(name)
     planned[name] = missing
     opts.state_file(cfg.name).write_text(json.dumps(state, indent=2))
-    results, interrupted = run_sweep(lambda: make_tuner(cfg, params, context, state["storage"], name, False,
+    more = context.model_copy(update={"trial_offset": len(rows)})
+    results, interrupted = run_sweep(lambda: make_tuner(cfg, params, more, state["storage"], name, False,
                                                         missing, rows), opts.address)
     return rows + collect(results, fixed, interrupted)
 

@@ -81,6 +81,28 @@ def format_summary(rows: list[TrialOutcome], baseline: dict, cfg: StudyConfig, t
     return "\n".join(lines)
 
 
+def headline_metrics(rows: list[TrialOutcome], baseline: dict, cfg: StudyConfig) -> dict[str, float]:
+    """The sweep's headline numbers for its parent run (test part, fractions): trials finished, failed and
+    unfinished; the baseline's and the best trial's headline metric per role, and the best trial's change
+    against the baseline with its paired 95% CI (``best/test/specialized_balanced_accuracy_gain_ci_low`` ...)."""
+    done = [r for r in rows if r.status == DONE]
+    failed = sum(r.status == ERROR for r in rows)
+    out = {"trials_finished": len(done), "trials_failed": failed, "trials_unfinished": len(rows) - len(done) - failed}
+    best = choose(rows, cfg)
+    for role in ("specialized", "general"):
+        metric = key(TEST, headline(role, cfg.evaluation.headline))
+        if metric in baseline:
+            out[f"baseline/{metric}"] = baseline[metric]
+        if best is not None and metric in best.metrics:
+            out[f"best/{metric}"] = best.metrics[metric]
+            if metric in baseline:
+                out[f"best/{metric}_gain"] = best.metrics[metric] - baseline[metric]
+            for side in ("low", "high"):
+                if f"{metric}_gain_ci_{side}" in best.metrics:
+                    out[f"best/{metric}_gain_ci_{side}"] = best.metrics[f"{metric}_gain_ci_{side}"]
+    return out
+
+
 def baseline_lines(baseline: dict) -> list[str]:
     """The zero-shot baseline on the test part, with the chance level of each metric."""
     lines = []

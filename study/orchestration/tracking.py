@@ -59,16 +59,59 @@ def client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+# MLflow 3's UI opens an experiment on the view its kind names; without the tag it guesses from traces and
+# opens the GenAI one. This study's runs are model training (the UI's "Model training" view).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(c, name: str, tracking_uri: str) -> str:
+    """The experiment's id, created (or restored) if needed, tagged to open on its training runs."""
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
+        for k, v in EXPERIMENT_KIND.items():
+            if k not in exp.tags:  # a user's choice of view stays
+                c.set_experiment_tag(exp.experiment_id, k, v)
         return exp.experiment_id
     location = None
     if tracking_uri.startswith("sqlite:"):  # keep artifacts beside the local store, wherever workers run
         location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    return c.create_experiment(name, artifact_location=location)
+    return c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+
+
+def dataset_inputs(data, context_of: dict[str, str]) -> list:
+    """The fine-tuning set and every benchmark of ``data`` (a ``DataSection``) as MLflow dataset inputs
+    (what ``mlflow.log_input`` records): named after the spec and split, with its source (a local path, a
+    Hugging Face id, or the offline generator) and a digest of its spec, ``data.seed`` and the local files'
+    names, sizes and times. ``context_of`` maps ``finetune``/``specialized``/``general`` to the input's
+    ``mlflow.data.context`` tag; roles left out are skipped."""
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from ..library.cache import fingerprint, source_stamp
+    from ..library.sources import OFFLINE_PREFIX
+
+    def source(spec) -> tuple[str, str]:
+        if spec.source.startswith(OFFLINE_PREFIX):
+            return "code", json.dumps({"tags": {"generator": "study.library.synthetic",
+                                                "domain": spec.source[len(OFFLINE_PREFIX):]}})
+        path = Path(spec.source).expanduser()
+        if path.exists():
+            return "local", json.dumps({"uri": path.resolve().as_uri()})
+        return "hugging_face", HuggingFaceDatasetSource(path=spec.source, split=spec.split,
+                                                        revision=getattr(spec, "revision", None)).to_json()
+
+    specs = [("finetune", "finetune", data.finetune)] if "finetune" in context_of else []
+    specs += [(role, spec.name, spec) for role in ("specialized", "general") if role in context_of
+              for spec in data.specs(role)]
+    out = []
+    for role, name, spec in specs:
+        kind, where = source(spec)
+        digest = fingerprint(spec.model_dump_json(), data.seed, source_stamp(spec.source))
+        out.append(DatasetInput(Dataset(f"{name} ({spec.split})", digest, kind, where),
+                                tags=[InputTag("mlflow.data.context", context_of[role])]))
+    return out
 
 
 def log_dict_artifact(c, run_id: str, data, filename: str, text: str | None = None) -> None:
@@ -105,17 +148,20 @@ def find_trial_run(c, experiment_id: str, parent_run_id: str, trial_id: str):
 
 
 def ensure_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
-                     params: dict, config_text: str, extra_tags: dict | None = None) -> str:
-    """The child run of ``trial_id``: found by tag if it exists (resume), created otherwise.
+                     params: dict, config_text: str, extra_tags: dict | None = None,
+                     run_name: str | None = None) -> str:
+    """The child run of ``trial_id``: found by tag if it exists (resume), created otherwise, named ``run_name``
+    (default: the trial id).
 
     ``extra_tags`` may mark it, e.g. a seed replicate's ``{KIND_TAG: REPLICATE, REPLICATE_OF_TAG: <trial id>}``.
     """
     c = client(tracking_uri)
     run = find_trial_run(c, experiment_id, parent_run_id, trial_id)
     if run is None:
-        tags = {PARENT_TAG: parent_run_id, KIND_TAG: TRIAL, TRIAL_TAG: trial_id, RUN_NAME_TAG: trial_id,
+        name = run_name or trial_id
+        tags = {PARENT_TAG: parent_run_id, KIND_TAG: TRIAL, TRIAL_TAG: trial_id, RUN_NAME_TAG: name,
                 STATUS_TAG: RUNNING, **provenance_tags(), **(extra_tags or {})}
-        run = c.create_run(experiment_id, tags=tags, run_name=trial_id)
+        run = c.create_run(experiment_id, tags=tags, run_name=name)
         log_params(c, run.info.run_id, flat_params(params))
         log_dict_artifact(c, run.info.run_id, None, "trial_config.json", config_text)
     else:
@@ -259,7 +305,9 @@ class TrialLogger:
     def log_confusion(self, bench: str, matrix, classnames: list[str]) -> None:
         self._queue.put(lambda: log_confusion(self.c, self.run_id, bench, matrix, classnames))
 
-    def log_final(self, model, metrics: dict) -> None:
+    def log_final(self, model, metrics: dict, only_if_missing: bool = False) -> None:
+        """The last epoch's metrics as ``final/<key>`` (step 0) and the adapter under ``adapter/``;
+        ``only_if_missing``: unless the run already holds final metrics (a resumed attempt's)."""
         from mlflow.entities import Metric
 
         from ..library.alignment import save_adapter
@@ -270,6 +318,9 @@ class TrialLogger:
         folder = save_adapter(model, Path(tmp) / "adapter")  # now, while the weights are the final ones
 
         def write():
+            if only_if_missing and any(k.startswith(FINAL_PREFIX) for k in self.c.get_run(self.run_id).data.metrics):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
             for i in range(0, len(final), 500):
                 self.c.log_batch(self.run_id, metrics=final[i:i + 500])
             self.c.log_artifacts(self.run_id, str(folder), "adapter")

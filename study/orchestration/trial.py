@@ -46,6 +46,7 @@ class SweepContext(BaseModel):
     workers_per_trial: int
     gpus_per_worker: float
     max_failures: int = 2
+    trial_offset: int = 0  # trials of the sweep's earlier parts (a resumed sweep's extension numbers on)
 
 
 def trial_settings(config: dict, fixed: dict) -> tuple[TrialSettings, Optional[str]]:
@@ -74,9 +75,10 @@ def trial_driver(config: dict, context: SweepContext) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     uri = context.job.tracking_uri
     tags = {KIND_TAG: REPLICATE, REPLICATE_OF_TAG: replicate_of} if replicate_of else None
+    name = run_name(config, replicate_of, trial_number(ray.tune.get_context(), context.trial_offset))
     run_id = retrying(lambda: ensure_trial_run(uri, context.experiment_id, context.parent_run_id, trial_id,
                                                settings.model_dump(), json.dumps(settings.model_dump(), indent=2),
-                                               tags), what="opening the trial's MLflow run")
+                                               tags, run_name=name), what="opening the trial's MLflow run")
     job = context.job.model_copy(update={"settings": settings, "run_id": run_id})
     try:
         if job.runner == "tune":
@@ -89,6 +91,36 @@ def trial_driver(config: dict, context: SweepContext) -> None:
                  what="closing the trial's MLflow run")
         raise
     retrying(lambda: end_trial_run(client(uri), run_id, FINISHED), what="closing the trial's MLflow run")
+
+
+# Short names of the knobs in a trial's run name, e.g. "t03 lr=1.4e-3 r=4 f=0.95".
+KNOB_ABBREVIATIONS = {"learning_rate": "lr", "lora_rank": "r", "data_fraction": "f", "lora_blocks": "K",
+                      "tether_weight": "tw", "lora_alpha": "a", "weight_decay": "wd", "batch_size": "bs",
+                      "epochs": "ep", "warmup_steps": "wu", "lora_targets": "on", "lora_towers": "towers"}
+
+
+def trial_number(ctx, offset: int = 0) -> Optional[int]:
+    """The trial's 1-based number in the sweep: Tune's count in its trial folder's name
+    (``trial_driver_<id>_<n>_<config>_<date>``) plus the earlier parts' trials; None if the name has none."""
+    m = re.match(rf".*_{re.escape(ctx.get_trial_id())}_(\d+)(?:_|$)", os.path.basename(ctx.get_trial_dir() or ""))
+    return int(m.group(1)) + offset if m else None
+
+
+def run_name(config: dict, replicate_of: Optional[str], number: Optional[int]) -> str:
+    """A readable MLflow run name: ``t03 lr=1.4e-3 r=4 f=0.95`` (the searched knobs), or for a seed replicate
+    ``rep seed=1 of <trial id>``."""
+    config = dict(config.get(REPLICATE_GRID, config))
+    config.pop(REPLICATE_OF, None)
+    if replicate_of:
+        return f"rep seed={config.get('seed', '?')} of {replicate_of}"
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.1e}".replace("e-0", "e-").replace("e+0", "e") if abs(v) < 1e-2 else f"{v:.3g}"
+        return str(v)
+
+    knobs = " ".join(f"{KNOB_ABBREVIATIONS.get(k, k)}={fmt(v)}" for k, v in sorted(config.items()))
+    return f"t{number:02d} {knobs}".strip() if number is not None else knobs or "trial"
 
 
 def fit_train_run(job: WorkerJob, context: SweepContext, trial_id: str) -> None:

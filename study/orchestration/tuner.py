@@ -87,8 +87,7 @@ def searcher(cfg: StudyConfig, name: str, seen: list[TrialOutcome] = ()):
     metrics = [key(VAL, o.metric) for o in cfg.search.objective]  # the search never sees a test number
     modes = [o.mode for o in cfg.search.objective]
     seed = cfg.search.seed + len(seen)  # an extension's sampler must not redraw the first part's random starts
-    sampler = (optuna.samplers.NSGAIISampler(seed=seed) if cfg.multi_objective
-               else optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(4, cfg.search.trials)))
+    sampler = make_sampler(cfg, seed)
     storage_url = cfg.search.optuna_storage or os.environ.get("OPTUNA_STORAGE")
     told = [r for r in seen if r.config and all(m in r.metrics for m in metrics)]
     rewards = [[r.metrics[m] for m in metrics] if cfg.multi_objective else r.metrics[metrics[0]] for r in told]
@@ -98,6 +97,20 @@ def searcher(cfg: StudyConfig, name: str, seen: list[TrialOutcome] = ()):
                         points_to_evaluate=[r.config for r in told] or None, evaluated_rewards=rewards or None,
                         storage=optuna.storages.RDBStorage(storage_url) if storage_url else None,
                         study_name=f"{cfg.name}/{name}" if storage_url else None)
+
+
+def make_sampler(cfg: StudyConfig, seed: int):
+    """The Optuna sampler ``search.sampler`` names, seeded (see :class:`study.config.SearchSection`)."""
+    import optuna
+
+    name = cfg.search.sampler
+    if name == "auto":
+        name = "nsgaii" if cfg.multi_objective else "tpe"
+    s = optuna.samplers
+    if name == "tpe":
+        return s.TPESampler(seed=seed, n_startup_trials=min(4, cfg.search.trials))
+    return {"random": s.RandomSampler, "qmc": s.QMCSampler, "gp": s.GPSampler, "cmaes": s.CmaEsSampler,
+            "nsgaii": s.NSGAIISampler, "nsgaiii": s.NSGAIIISampler}[name](seed=seed)
 
 
 def make_tuner(cfg: StudyConfig, params: dict, context: SweepContext, storage: str, name: str, resume: bool,
@@ -214,6 +227,9 @@ def run_sweep(build_tuner, address: str | None):
     # free the workers of a trial that was stopped early or lost its driver; init_ray points every worker's
     # state-API client at this study's Ray.
     init_ray(address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    # Tune's newer console output prints a configuration box and a TensorBoard hint even when silent; its
+    # legacy output at verbose=0 prints nothing. The study prints its own lines (progress_callback).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     previous = signal.signal(signal.SIGTERM, term_as_interrupt)  # ray.init installed its own, which aborts
     on_int = signal.getsignal(signal.SIGINT)
     try:
