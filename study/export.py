@@ -22,6 +22,8 @@ from pathlib import Path
 
 from .checks import Parser, check_folder, tracking_uri
 from .config import ConfigError
+from .library.export import ExportError
+from .library.models import ModelError
 from .vocabulary import FINAL_PREFIX, KIND_TAG, PARENT_TAG, SWEEP, TRIAL, TRIAL_TAG, WISEFT_BEST_ALPHA
 
 
@@ -141,7 +143,9 @@ def log_model(uri: str, run, path: Path, model_name: str, register: str | None) 
     c = mlflow.MlflowClient(uri)
     status, end = run.info.status, run.info.end_time
     with mlflow.start_run(run_id=run.info.run_id):
+        # pickle: MLflow 3's default (pt2) traces the forward with an example input; CLIP's takes two.
         info = mlflow.pytorch.log_model(model, name="model", registered_model_name=register,
+                                        serialization_format="pickle",
                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                                                           f"open_clip_torch=={open_clip.__version__}"])
     c.set_terminated(run.info.run_id, status=status, end_time=end)
@@ -165,9 +169,6 @@ def main(argv: list[str] | None = None) -> int:
         c = MlflowClient(args.tracking_uri)
         run = find_trial(c, args)
         alpha = alpha_of(args.alpha, run)
-        from .library.export import ExportError
-        from .library.models import ModelError
-
         path, notes = export_run(c, run, alpha, out)
     except (ConfigError, ExportError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)

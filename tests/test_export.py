@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,22 +66,16 @@ def test_live_model_merged_checkpoint_and_weight_change_norm_agree(tmp_path):
     assert logged == pytest.approx(real, rel=1e-5)
 
 
-def test_export_reproduces_the_trials_logged_metrics_and_registers_the_model(tmp_path, smoke_cache):
-    proc = run_cli(["--smoke-test", "--trials", "1", "--set", "params.epochs=2"], tmp_path, smoke_cache)
+def _export(cwd, *argv):
+    proc = subprocess.run([sys.executable, "-m", "study.export", "--out", "exports", *argv], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    c, runs = mlflow_runs(tmp_path)
-    trial = next(r for r in runs if r.data.tags["study.kind"] == "trial")
-    alpha = trial.data.metrics["wiseft_best_alpha"]
+    assert "open_clip.create_model_and_transforms" in proc.stdout
+    return proc.stdout
 
-    export = subprocess.run([sys.executable, "-m", "study.export", "--alpha", "best", "--out", "exports",
-                             "--register", "clip-smoke"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert export.returncode == 0, export.stdout[-3000:] + export.stderr[-3000:]
-    assert "open_clip.create_model_and_transforms" in export.stdout and "registered as 'clip-smoke'" in export.stdout
-    ckpt = next((tmp_path / "exports").glob("*.pt"))
-    notes = json.loads(ckpt.with_suffix(".json").read_text())
-    assert notes["run_id"] == trial.info.run_id and notes["alpha"] == alpha
 
-    # Evaluated afresh from the checkpoint alone, through open_clip's own loader, on the same benchmark parts.
+def _evaluate_checkpoint(ckpt: Path, cache: Path) -> dict:
+    """The checkpoint alone, through open_clip's own loader, on the smoke study's benchmark parts."""
     import open_clip
 
     from study.config import load_study_config
@@ -89,18 +84,31 @@ def test_export_reproduces_the_trials_logged_metrics_and_registers_the_model(tmp
     from study.run import SMOKE_OVERRIDES
 
     cfg, _ = load_study_config(None, SMOKE_OVERRIDES)
-    open_clip.add_model_config(str(tmp_path / "exports"))
+    open_clip.add_model_config(str(ckpt.parent))
     model, _, preprocess = open_clip.create_model_and_transforms("clip-study-tiny", pretrained=str(ckpt),
                                                                  weights_only=True)
-    sets = eval_sets(cfg.data, smoke_cache, preprocess, validation_share=cfg.evaluation.validation_share)
+    sets = eval_sets(cfg.data, cache, preprocess, validation_share=cfg.evaluation.validation_share)
     metrics, _, _ = evaluate_sets(model.eval(), open_clip.get_tokenizer("clip-study-tiny"), sets, "cpu", detailed=True)
-    m = trial.data.metrics
-    # The trial logged the chosen alpha's numbers as val/wiseft_best_* and test/wiseft_best_*.
-    for part in ("val", "test"):
-        for name in ("specialized_top1", "general_top1"):
-            assert metrics[f"{part}/{name}"] == pytest.approx(m[f"{part}/wiseft_best_{name}"], abs=1e-5), (part, name)
-    assert metrics["val/specialized_balanced_accuracy"] == pytest.approx(
-        m[f"val/wiseft/alpha_{alpha:g}/specialized_balanced_accuracy"], abs=1e-5)
+    return metrics
+
+
+def test_export_reproduces_the_trials_logged_metrics_and_registers_the_model(tmp_path, smoke_cache):
+    proc = run_cli(["--smoke-test", "--trials", "1", "--set", "params.epochs=2"], tmp_path, smoke_cache)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    c, runs = mlflow_runs(tmp_path)
+    trial = next(r for r in runs if r.data.tags["study.kind"] == "trial")
+    m, tid = trial.data.metrics, trial.data.tags["study.trial_id"]
+
+    # The sweep's best trial as trained (alpha 1), also logged as an MLflow model and registered.
+    out = _export(tmp_path, "--register", "clip-smoke")
+    assert "registered as 'clip-smoke'" in out
+    ckpt = tmp_path / "exports" / f"{tid}.pt"
+    assert json.loads(ckpt.with_suffix(".json").read_text())["run_id"] == trial.info.run_id
+    metrics = _evaluate_checkpoint(ckpt, smoke_cache)
+    compared = [k for k in metrics if f"final/{k}" in m and not k.endswith("images") and "/wiseft" not in k]
+    assert len(compared) >= 40
+    for k in compared:
+        assert metrics[k] == pytest.approx(m[f"final/{k}"], abs=1e-5), k
 
     from mlflow.tracking import MlflowClient
 
@@ -109,6 +117,15 @@ def test_export_reproduces_the_trials_logged_metrics_and_registers_the_model(tmp
     assert version.run_id == trial.info.run_id
     after = registry.get_run(trial.info.run_id)
     assert after.info.status == "FINISHED" and after.info.end_time == trial.info.end_time
+
+    # The alpha the trial chose on validation reproduces its logged WiSE-FT numbers.
+    alpha = m["wiseft_best_alpha"]
+    _export(tmp_path, "--run-id", trial.info.run_id, "--alpha", "best")
+    wise = _evaluate_checkpoint(tmp_path / "exports" / (f"{tid}-alpha{alpha:g}.pt" if alpha != 1 else f"{tid}.pt"),
+                                smoke_cache)
+    for part in ("val", "test"):
+        for name in ("specialized_top1", "general_top1"):
+            assert wise[f"{part}/{name}"] == pytest.approx(m[f"{part}/wiseft_best_{name}"], abs=1e-5), (part, name)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -109,7 +109,7 @@ def weight_change_norm(model: torch.nn.Module, initial: dict[str, torch.Tensor])
     layers' ``get_delta_weight``. For the projections and temperature, the change from ``initial``.
     """
     from peft.tuners.lora import LoraLayer
-    from peft.tuners.lora import MultiheadAttention as LoraMHA
+    from peft.tuners.lora.layer import MultiheadAttention as LoraMHA
 
     m = undistributed(model)
     total = 0.0
