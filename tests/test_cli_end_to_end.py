@@ -20,6 +20,9 @@ def test_smoke_study_records_parent_baseline_and_one_child_per_trial(tmp_path, s
     out = proc.stdout
     assert "Study summary" in out and "points vs baseline" in out and "mlflow ui --backend-store-uri" in out
     assert "chosen on validation (specialized_balanced_accuracy, max)" in out and "(chance" in out
+    # A quiet console: the study's own lines and trial table, none of Ray's result dumps or hints.
+    assert "[study] trials: " in out and "val spec." in out
+    assert "Reporting training result" not in out + proc.stderr and "TensorBoard" not in out + proc.stderr
 
     c, runs = mlflow_runs(tmp_path)
     kinds = [r.data.tags.get("study.kind") for r in runs]

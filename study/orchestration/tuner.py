@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -45,11 +46,13 @@ def tune_space(searched: dict[str, BaseModel]) -> dict:
 
 
 def progress_callback():
-    """One line per epoch and per finished trial, instead of Tune's tables of every metric."""
+    """One line per epoch and per finished trial, and a compact table of every trial (status, epoch, validation
+    top-1, loss) when a trial ends and at most once a minute, instead of Tune's tables of every metric."""
     from ray import tune
 
     class Progress(tune.Callback):
         finished = 0
+        shown = 0.0  # when the table was last printed
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if key(VAL, SPECIALIZED_TOP1) not in result:
@@ -65,11 +68,38 @@ def progress_callback():
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.finished += 1
             print(f"[trial {trial.trial_id}] finished ({self.finished} this session)", flush=True)
+            self.table(trials)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             print(f"[trial {trial.trial_id}] failed; see its MLflow run's study.failure_reason tag", flush=True)
+            self.table(trials)
+
+        def on_step_end(self, iteration, trials, **info):
+            if time.time() - self.shown >= 60 and any(t.status == "RUNNING" for t in trials):
+                self.table(trials)
+
+        def table(self, trials) -> None:
+            self.shown = time.time()
+            print(trial_table(trials), flush=True)
 
     return Progress()
+
+
+def trial_table(trials) -> str:
+    """Tune's trials as a compact table: id, status, last epoch, validation top-1 (specialized, general) and
+    training loss of the last result."""
+    from collections import Counter
+
+    counts = Counter(t.status for t in trials)
+    lines = ["[study] trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())),
+             f"  {'trial':<10}{'status':<12}{'epoch':>6}{'val spec.':>11}{'val gen.':>10}{'loss':>8}"]
+    for t in trials:
+        r = t.last_result or {}
+        spec, gen = r.get(key(VAL, SPECIALIZED_TOP1)), r.get(key(VAL, GENERAL_TOP1))
+        lines.append(f"  {t.trial_id:<10}{t.status:<12}{r.get('epoch', '-')!s:>6}"
+                     f"{'-' if spec is None else f'{spec:.1%}':>11}{'-' if gen is None else f'{gen:.1%}':>10}"
+                     f"{'-' if 'train_loss' not in r else format(r['train_loss'], '.3f'):>8}")
+    return "\n".join(lines)
 
 
 def sweep_path(storage: str, name: str) -> str:
