@@ -157,9 +157,9 @@ class Session:
     def quiet(self) -> None:
         """Ray Train logs every report with all its metrics at INFO (about 8 KB a line, through a logger named
         after its file, so ``ray.train``'s level misses it); the study prints its own progress."""
+        logging.getLogger("ray.train").setLevel(logging.WARNING)  # also Tune's "Checkpoint successfully created"
         if self.runner != "train":
             return
-        logging.getLogger("ray.train").setLevel(logging.WARNING)
         try:
             from ray.train.v2._internal.execution import context as train_context
         except ImportError:  # another Ray layout: its lines stay
