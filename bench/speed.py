@@ -18,7 +18,8 @@ Each row is a ratio against a baseline measured in this same run, with both raw 
   size and torch threads as a worker (``resources.cpus_per_worker``); medians of alternating repeats.
 * (d) the frozen-prefix feature cache on/off: the rows of ``bench/prefix_cache.py`` when it exists.
 * (e) per-trial overhead, from the trial's MLflow run (opened at the start of ``trial_driver``, closed at
-  its end) and the ``worker_start_time``/``setup_seconds`` its worker reports with its first epoch:
+  its end) and the ``worker_start_time``/``setup_seconds``/``process_start_time`` its worker reports with its
+  first epoch (a trial that trains in Tune starts when its process did, if that is earlier than its run):
   (e0) the study process outside its trial (preflight, baseline, Ray/Tune start, report), (e1) trial
   start until the worker function runs, (e2) the worker's setup against the bare loop's, (e3)
   checkpoint + report between epochs, (e4) teardown from the last epoch's metrics until the trial's run
@@ -131,11 +132,14 @@ def trial_timings(db: Path) -> list[dict]:
 
 
 def trial_timing(c, run) -> dict:
-    names = ("epoch_seconds", "eval_seconds", "steps", "train_loss", "worker_start_time", "setup_seconds")
+    names = ("epoch_seconds", "eval_seconds", "steps", "train_loss", "worker_start_time", "setup_seconds",
+             "process_start_time")
     h = {k: sorted(c.get_metric_history(run.info.run_id, k), key=lambda m: m.step) for k in names}
     epochs = [m.value for m in h["epoch_seconds"]]
     evals = [m.value for m in h["eval_seconds"]]
     start, end = run.info.start_time / 1000, run.info.end_time / 1000
+    # A trial that trains in Tune opens its run inside its own process: its start is that process's.
+    start = min(start, h["process_start_time"][0].value) if h["process_start_time"] else start
     last = max(m.timestamp for m in h["epoch_seconds"]) / 1000  # logged after the last evaluation, before its report
     worker, setup = h["worker_start_time"][0].value, h["setup_seconds"][0].value
     return {"trial": end - start, "to_worker": worker - start, "setup": setup, "epochs": sum(epochs),
@@ -361,7 +365,7 @@ def study_rows(studies: list[dict], bares: list[dict], zs: dict) -> list[dict]:
     n = len(trials)
     rows = [row("a", f"one-trial study, whole process (median of {n})", "bare loop", med(b["wall"] for b in bares),
                 med(s["wall"] for s in studies), "s"),
-            row("b", "training steps/s in the Ray Train worker", "bare loop", med(bare_steps_per_s(b) for b in bares),
+            row("b", "training steps/s in the trial's worker", "bare loop", med(bare_steps_per_s(b) for b in bares),
                 med(t["steps"] / t["train"] for t in trials), "steps/s")]
     z = zs["seconds"]
     rows.append(row("c", f"zero-shot images/s, evaluate_sets ({zs['images']} images, batch {zs['batch']})",
@@ -375,7 +379,7 @@ def study_rows(studies: list[dict], bares: list[dict], zs: dict) -> list[dict]:
 def overhead_rows(trials: list[dict], bares: list[dict], label: str) -> list[dict]:
     """(e1)-(e5): medians over ``trials`` of each part of a trial's overhead."""
     epochs = med(t["epochs"] for t in trials)
-    parts = [("e1", "trial start -> worker function runs", "to_worker"),
+    parts = [("e1", "trial start (its process or run) -> worker function runs", "to_worker"),
              ("e3", "checkpoint + report between epochs", "between_epochs"),
              ("e4", "teardown: last epoch's metrics -> trial closed", "teardown"), ("e5", "whole trial", "trial")]
     rows = [row(k, f"{label}{name}", "trial epoch time", epochs, med(t[field] for t in trials), "s")

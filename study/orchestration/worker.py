@@ -116,16 +116,20 @@ def run_worker(job: WorkerJob, started: float) -> None:
     (``"tune"``, one worker): setup, resume from the last checkpoint, then per epoch train, evaluate (rank 0),
     record in MLflow and report with a checkpoint.
 
-    The first epoch this worker runs also reports ``worker_start_time`` (``started``, unix seconds) and
-    ``setup_seconds`` (from then until that epoch: setup, restore, distribute, open_logger), so that
-    ``bench/speed.py`` can split a trial's overhead from the trial's MLflow run times."""
+    The first epoch this worker runs also reports ``worker_start_time`` (``started``, unix seconds),
+    ``setup_seconds`` (from then until that epoch: setup, restore, distribute, open_logger) and
+    ``process_start_time`` (when its process started: a Tune trial's actor, perhaps reused from an earlier
+    trial, or a Train worker), so that ``bench/speed.py`` can split a trial's overhead."""
     session = Session(job.runner)
     session.quiet()
     w = setup(job, session)
     restore(w, session.checkpoint())
     distribute(w)
     w.logger = open_logger(w)
-    timing = {"worker_start_time": started, "setup_seconds": time.time() - started}  # first epoch only
+    import psutil  # a dependency of peft
+
+    timing = {"worker_start_time": started, "setup_seconds": time.time() - started,  # first epoch only
+              "process_start_time": psutil.Process().create_time()}
     try:
         for epoch in range(w.start_epoch, job.settings.epochs):
             t0 = time.time()
