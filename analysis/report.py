@@ -269,12 +269,19 @@ def _markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(rows)
 
 
-def run_analysis(tracking_uri: str, experiment: str, parent_run_id: str | None, out_root: Path) -> tuple[Path, list[str]]:
+def run_analysis(tracking_uri: str, experiment: str, parent_run_id: str | None, out_root: Path,
+                 sweep_done: bool = False) -> tuple[Path, list[str]]:
     """Analyse a study, write everything under ``out_root/<experiment>/<parent run>``, and attach it to the
-    parent run as artifacts under ``analysis/``. Returns the report path and the finding's sentences."""
+    parent run as artifacts under ``analysis/``. Returns the report path and the finding's sentences.
+    ``sweep_done``: the caller knows the sweep has ended (``study.run`` reports before it closes the parent
+    run), so the report does not warn that numbers may change."""
+    import dataclasses
+
     from mlflow.tracking import MlflowClient
 
     rec = load_study(tracking_uri, experiment, parent_run_id)
+    if sweep_done:
+        rec = dataclasses.replace(rec, parent_status="FINISHED")
     out = out_root / experiment / rec.parent_run_id
     report, lines = write_report(rec, out)
     MlflowClient(tracking_uri=tracking_uri).log_artifacts(rec.parent_run_id, str(out), "analysis")

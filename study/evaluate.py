@@ -75,7 +75,8 @@ def run_model(args, tmp: Path) -> tuple[str, str]:
         run = c.get_run(args.run_id)
     except MlflowException:
         raise ConfigError(f"--run-id: no run {args.run_id!r} at {args.tracking_uri}") from None
-    path, notes = export_run(c, run, alpha_of(args.alpha, run), tmp)
+    args.alpha = f"{alpha_of(args.alpha, run):g}"
+    path, notes = export_run(c, run, float(args.alpha), tmp)
     return notes["model"], str(path)
 
 
@@ -118,6 +119,8 @@ def check_device(name: str) -> str:
 
 def check_args(args) -> None:
     """Everything about the flags that can be known before loading anything."""
+    if args.run_id and (args.model != OFFLINE_MODEL or args.pretrained):
+        raise ConfigError("--run-id: the trial's run names its own model; drop --model/--pretrained")
     if not 0 < args.offline_scale <= 1:
         raise ConfigError(f"--offline-scale: must be in (0, 1], got {args.offline_scale}")
     check_device(args.device)

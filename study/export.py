@@ -28,16 +28,19 @@ from .vocabulary import FINAL_PREFIX, KIND_TAG, PARENT_TAG, SWEEP, TRIAL, TRIAL_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m study.export", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python -m study.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--run-id", help="a trial's MLflow run id (default: the best trial of the sweep below)")
-    p.add_argument("--experiment", default="clip-alignment-study", help="MLflow experiment (= study name)")
+    p.add_argument("--experiment", default="clip-alignment-study",
+                   help="MLflow experiment (= study name; default: clip-alignment-study)")
     p.add_argument("--parent-run", help="the sweep's parent run id (default: the experiment's latest sweep)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking URI (env MLFLOW_TRACKING_URI); default sqlite:///mlflow.db here")
     p.add_argument("--alpha", default="1", help="WiSE-FT alpha in [0, 1] (1: the trained model, 0: the base "
-                                                "model), or 'best' for the alpha the trial chose on validation")
-    p.add_argument("--out", type=Path, default=Path("exports"), help="folder for <run name>.pt and its notes")
+                                                "model), or 'best' for the alpha the trial chose on validation "
+                                                "(default: 1)")
+    p.add_argument("--out", type=Path, default=Path("exports"),
+                   help="folder for <trial id>.pt (<trial id>-alpha<a>.pt below alpha 1), its notes <trial id>.json "
+                        "and, for the offline model, its open_clip config (default: ./exports)")
     p.add_argument("--log-model", action="store_true",
                    help="also log the merged model to the trial's run as an MLflow model (mlflow.pytorch)")
     p.add_argument("--register", metavar="NAME", help="log it (as --log-model) and register it as NAME in the "

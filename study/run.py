@@ -2,7 +2,8 @@
 
 The one entry point. It validates everything first (exit 2 on bad input, before
 Ray starts or MLflow is touched), prepares the base model and baseline, runs the
-Ray Tune + Optuna sweep over Ray Train workers, and prints the answer.
+Ray Tune + Optuna sweep (a one-worker trial trains in its Tune trial, a DDP trial over
+Ray Train workers), and prints the answer.
 """
 
 from __future__ import annotations

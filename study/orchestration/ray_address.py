@@ -19,6 +19,7 @@ This module imports nothing but the standard library and ``ray``: the hook runs 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from contextlib import contextmanager
@@ -45,6 +46,8 @@ def init_ray(address: str | None, **kwargs) -> None:
     if address and address != "local":
         ray.init(address=address, runtime_env={"worker_process_setup_hook": pin_ray_address}, **kwargs)
         return
+    # A local Ray says on every start that token authentication is on (it is: nothing to act on).
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     for attempt in range(PORT_ATTEMPTS):
         port = free_port()
         try:

@@ -95,6 +95,7 @@ def record_sweep_start(c, exp_id: str, parent: str, cfg: StudyConfig, prepared: 
     tracking.log_params(c, parent, {"search.trials": str(cfg.search.trials),
                                     "evaluation.headline": cfg.evaluation.headline,
                                     "search.objective": ",".join(f"{o.metric}:{o.mode}" for o in cfg.search.objective),
+                                    "search.sampler": cfg.search.sampler,
                                     "model.name": cfg.model.name, "model.pretrained": str(prepared.model_pretrained),
                                     "data.finetune.source": cfg.data.finetune.source,
                                     "data.finetune.pairs": str(prepared.finetune_pairs)})
@@ -378,7 +379,8 @@ def analyse(tracking_uri: str, experiment: str, parent_run_id: str, output_dir: 
     from analysis.report import run_analysis
 
     try:
-        report, _ = run_analysis(tracking_uri, experiment, parent_run_id, (output_dir / "analysis").resolve())
+        report, _ = run_analysis(tracking_uri, experiment, parent_run_id, (output_dir / "analysis").resolve(),
+                                 sweep_done=True)
     except Exception as exc:  # the sweep's runs are safe in MLflow; say how to retry
         print(f"[study] analysis failed ({type(exc).__name__}: {exc}); rerun it with: python -m analysis "
               f"--experiment {experiment} --parent-run {parent_run_id} --tracking-uri {tracking_uri}", flush=True)

@@ -54,7 +54,11 @@ def provenance_tags() -> dict[str, str]:
 
 
 def client(tracking_uri: str):
+    import logging
+
     from mlflow.tracking import MlflowClient
+
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
 
     return MlflowClient(tracking_uri=tracking_uri)
 

@@ -93,7 +93,7 @@ def trial_driver(config: dict, context: SweepContext) -> None:
     retrying(lambda: end_trial_run(client(uri), run_id, FINISHED), what="closing the trial's MLflow run")
 
 
-# Short names of the knobs in a trial's run name, e.g. "t03 lr=1.4e-3 r=4 f=0.95".
+# Short names of the knobs in a trial's run name, e.g. "t03 f=0.953 lr=1.4e-3 K=2 r=4 tw=0.997".
 KNOB_ABBREVIATIONS = {"learning_rate": "lr", "lora_rank": "r", "data_fraction": "f", "lora_blocks": "K",
                       "tether_weight": "tw", "lora_alpha": "a", "weight_decay": "wd", "batch_size": "bs",
                       "epochs": "ep", "warmup_steps": "wu", "lora_targets": "on", "lora_towers": "towers"}
@@ -107,8 +107,8 @@ def trial_number(ctx, offset: int = 0) -> Optional[int]:
 
 
 def run_name(config: dict, replicate_of: Optional[str], number: Optional[int]) -> str:
-    """A readable MLflow run name: ``t03 lr=1.4e-3 r=4 f=0.95`` (the searched knobs), or for a seed replicate
-    ``rep seed=1 of <trial id>``."""
+    """A readable MLflow run name: ``t03 f=0.953 lr=1.4e-3 K=2 r=4 tw=0.997`` (the searched knobs, by name), or
+    for a seed replicate ``rep seed=1 of <trial id>``."""
     config = dict(config.get(REPLICATE_GRID, config))
     config.pop(REPLICATE_OF, None)
     if replicate_of:

@@ -68,35 +68,36 @@ def progress_callback():
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.finished += 1
             print(f"[trial {trial.trial_id}] finished ({self.finished} this session)", flush=True)
-            self.table(trials)
+            self.table(trials, {trial.trial_id: "TERMINATED"})  # Tune sets its status after this call
 
         def on_trial_error(self, iteration, trials, trial, **info):
             print(f"[trial {trial.trial_id}] failed; see its MLflow run's study.failure_reason tag", flush=True)
-            self.table(trials)
+            self.table(trials, {trial.trial_id: "ERROR"})
 
         def on_step_end(self, iteration, trials, **info):
             if time.time() - self.shown >= 60 and any(t.status == "RUNNING" for t in trials):
                 self.table(trials)
 
-        def table(self, trials) -> None:
+        def table(self, trials, ended: dict | None = None) -> None:
             self.shown = time.time()
-            print(trial_table(trials), flush=True)
+            print(trial_table(trials, ended), flush=True)
 
     return Progress()
 
 
-def trial_table(trials) -> str:
-    """Tune's trials as a compact table: id, status, last epoch, validation top-1 (specialized, general) and
-    training loss of the last result."""
+def trial_table(trials, ended: dict | None = None) -> str:
+    """Tune's trials as a compact table: id, status (``ended`` overrides it by trial id), last epoch, validation
+    top-1 (specialized, general) and training loss of the last result."""
     from collections import Counter
 
-    counts = Counter(t.status for t in trials)
+    status = {t.trial_id: (ended or {}).get(t.trial_id, t.status) for t in trials}
+    counts = Counter(status.values())
     lines = ["[study] trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())),
              f"  {'trial':<10}{'status':<12}{'epoch':>6}{'val spec.':>11}{'val gen.':>10}{'loss':>8}"]
     for t in trials:
         r = t.last_result or {}
         spec, gen = r.get(key(VAL, SPECIALIZED_TOP1)), r.get(key(VAL, GENERAL_TOP1))
-        lines.append(f"  {t.trial_id:<10}{t.status:<12}{r.get('epoch', '-')!s:>6}"
+        lines.append(f"  {t.trial_id:<10}{status[t.trial_id]:<12}{r.get('epoch', '-')!s:>6}"
                      f"{'-' if spec is None else f'{spec:.1%}':>11}{'-' if gen is None else f'{gen:.1%}':>10}"
                      f"{'-' if 'train_loss' not in r else format(r['train_loss'], '.3f'):>8}")
     return "\n".join(lines)
@@ -113,6 +114,8 @@ def searcher(cfg: StudyConfig, name: str, seen: list[TrialOutcome] = ()):
     as evaluated points so that the extension continues the search instead of restarting it."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"; we print our own
 
     metrics = [key(VAL, o.metric) for o in cfg.search.objective]  # the search never sees a test number
     modes = [o.mode for o in cfg.search.objective]
