@@ -116,7 +116,7 @@ def run_name(config: dict, replicate_of: Optional[str], number: Optional[int]) -
 
     def fmt(v):
         if isinstance(v, float):
-            return f"{v:.1e}".replace("e-0", "e-").replace("e+0", "e") if abs(v) < 1e-2 else f"{v:.3g}"
+            return f"{v:.1e}".replace("e-0", "e-").replace("e+0", "e") if v and abs(v) < 1e-2 else f"{v:.3g}"
         return str(v)
 
     knobs = " ".join(f"{KNOB_ABBREVIATIONS.get(k, k)}={fmt(v)}" for k, v in sorted(config.items()))
