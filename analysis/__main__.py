@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from study.checks import Parser, check_folder, tracking_uri
+from study.checks import Parser, check_folder, existing_store
 from study.config import ConfigError
 
 
@@ -30,10 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     """Exit 0 with the report written; 2 on bad input (one ``error:`` line, nothing written)."""
     try:
         args = build_parser().parse_args(argv)
-        given = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        uri = tracking_uri(given, "--tracking-uri" if args.tracking_uri or not given else "MLFLOW_TRACKING_URI")
-        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-            raise ConfigError(f"--tracking-uri: no MLflow store at {uri}")
+        uri = existing_store(args.tracking_uri)
         out = check_folder(args.out, "--out")
         from .report import run_analysis
 

@@ -64,12 +64,11 @@ def run_model(args, tmp: Path) -> tuple[str, str]:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from .checks import tracking_uri
+    from .checks import existing_store
     from .export import alpha_of, export_run
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    given = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    args.tracking_uri = tracking_uri(given, "--tracking-uri" if args.tracking_uri or not given else "MLFLOW_TRACKING_URI")
+    args.tracking_uri = existing_store(args.tracking_uri)
     c = MlflowClient(args.tracking_uri)
     try:
         run = c.get_run(args.run_id)

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .checks import Parser, check_folder, tracking_uri
+from .checks import Parser, check_folder, existing_store
 from .config import ConfigError
 from .library.export import ExportError
 from .library.models import ModelError
@@ -80,7 +80,7 @@ def find_parent(c, args):
     exp = c.get_experiment_by_name(args.experiment)
     if exp is None:
         raise ConfigError(f"--experiment: no MLflow experiment named {args.experiment!r} at {args.tracking_uri}")
-    query = (f"attributes.run_id = '{args.parent_run}'" if args.parent_run else "") or f"tags.`{KIND_TAG}` = '{SWEEP}'"
+    query = f"attributes.run_id = '{args.parent_run}'" if args.parent_run else f"tags.`{KIND_TAG}` = '{SWEEP}'"
     runs = c.search_runs([exp.experiment_id], query, order_by=["start_time DESC"], max_results=1)
     if not runs or runs[0].data.tags.get(KIND_TAG) != SWEEP:
         raise ConfigError(f"--parent-run: no sweep (parent) run {args.parent_run or ''} in {args.experiment!r}")
@@ -159,11 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # two small downloads
     try:
         args = build_parser().parse_args(argv)
-        given = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        args.tracking_uri = tracking_uri(given, "--tracking-uri" if args.tracking_uri or not given
-                                         else "MLFLOW_TRACKING_URI")
-        if args.tracking_uri.startswith("sqlite:///") and not Path(args.tracking_uri[10:]).is_file():
-            raise ConfigError(f"--tracking-uri: no MLflow store at {args.tracking_uri}")
+        args.tracking_uri = existing_store(args.tracking_uri)
         out = check_folder(args.out, "--out")
         if args.alpha != "best":
             alpha_of(args.alpha, None)  # a bad number fails before MLflow is read

@@ -106,9 +106,10 @@ def record_sweep_start(c, exp_id: str, parent: str, cfg: StudyConfig, prepared: 
     label = sweep_label(c.get_run(parent).data.tags.get(SWEEP_TAG, ""))
     baseline = c.create_run(exp_id, tags=base_tags, run_name=f"{BASELINE} · {label}").info.run_id
     tracking.log_params(c, baseline, {"model.name": cfg.model.name, "model.pretrained": str(prepared.model_pretrained)})
-    c.log_inputs(parent, tracking.dataset_inputs(cfg.data, {"finetune": "training", "specialized": "evaluation",
-                                                             "general": "evaluation"}))
-    c.log_inputs(baseline, tracking.dataset_inputs(cfg.data, {"specialized": "evaluation", "general": "evaluation"}))
+    inputs = tracking.dataset_inputs(cfg.data, {"finetune": "training", "specialized": "evaluation",
+                                                "general": "evaluation"})  # each local source stamped once
+    c.log_inputs(parent, inputs)
+    c.log_inputs(baseline, [i for i in inputs if i.tags[0].value == "evaluation"])
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
