@@ -7,12 +7,13 @@ that column; nothing is recomputed and no run is modified.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pandas as pd
 
 from study.selection import best_trial, holm, pareto_front
-from study.vocabulary import (BASELINE, COLLAPSED_TAG, FAILURE_TAG, FINAL_PREFIX, FINISHED, GENERAL_TOP1, KIND_TAG,
+from study.vocabulary import (BASELINE, COLLAPSED_TAG, FAILURE_TAG, FINAL_METRICS, FINAL_PREFIX, FINISHED, GENERAL_TOP1, KIND_TAG,
                               KNOBS, NUMERIC_KNOBS, OBJECTIVE_METRICS, PARENT_TAG, SPECIALIZED_TOP1, STATUS_TAG, SWEEP,
                               TEST, TRAIN_METRICS, TRANSFER_NOTE_TAG, TRIAL, TRIAL_TAG, VAL, headline, key, wiseft_curve)
 
@@ -79,11 +80,14 @@ def load_study(tracking_uri: str, experiment: str, parent_run_id: str | None = N
                               f"{experiment!r}")
     pid = parent.info.run_id
     children = c.search_runs([exp.experiment_id], f"tags.`{PARENT_TAG}` = '{pid}'", max_results=50000)
-    baseline = test_part(next((r.data.metrics for r in children if r.data.tags.get(KIND_TAG) == BASELINE), {}))
+    base_run = next((r for r in children if r.data.tags.get(KIND_TAG) == BASELINE), None)
     trials = [r for r in children if r.data.tags.get(KIND_TAG) == TRIAL]
-    rows = [trial_row(r) for r in trials]
-    wiseft = {row["trial_id"]: curve for row, r in zip(rows, trials)
-              if (curve := wiseft_curve(last_metrics(r)) or wiseft_curve(last_metrics(r), split=""))}
+    with ThreadPoolExecutor(8) as pool:  # one artifact read per run: overlap them for a remote server
+        finals = list(pool.map(lambda r: run_metrics(c, r), [base_run, *trials] if base_run else trials))
+    baseline = test_part(finals.pop(0)) if base_run else {}
+    rows = [trial_row(r, m) for r, m in zip(trials, finals)]
+    wiseft = {row["trial_id"]: curve for row, m in zip(rows, finals)
+              if (curve := wiseft_curve(m) or wiseft_curve(m, split=""))}
     head = parent.data.params.get("evaluation.headline", "top1")
     metric, _, mode = parent.data.params.get("search.objective", f"{SPECIALIZED_TOP1}:max").split(",")[0].partition(":")
     df = with_derived_columns(pd.DataFrame(rows), baseline, head)
@@ -102,19 +106,35 @@ def test_part(metrics: dict) -> dict:
     return out
 
 
-def last_metrics(run) -> dict:
-    """A run's metrics at their last step, its ``final/`` records taking precedence (prefix removed)."""
+def run_metrics(c, run) -> dict:
+    """Every metric of a run's last epoch (a trial's) or its evaluation (the baseline's): its
+    ``metrics/final.json`` artifact over its top-level metrics at their last step (which add what the sweep
+    logged afterwards, the Holm-adjusted p-value). Sweeps that predate the artifact logged everything at the
+    top level, the last epoch as ``final/<key>``: read as such. A run without final records (failed, still
+    running) gives its top-level metrics."""
+    import json
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
     m = run.data.metrics
-    return {**m, **{k.removeprefix(FINAL_PREFIX): v for k, v in m.items() if k.startswith(FINAL_PREFIX)}}
+    out = {**m, **{k.removeprefix(FINAL_PREFIX): v for k, v in m.items() if k.startswith(FINAL_PREFIX)}}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = c.download_artifacts(run.info.run_id, FINAL_METRICS, tmp)
+            with open(path) as f:
+                return {**out, **json.load(f)}
+    except (MlflowException, OSError):  # no final records
+        return out
 
 
-def trial_row(run) -> dict:
-    """One flat record of a trial's run: ids, status, every knob, the final metrics and their intervals."""
+def trial_row(run, last: dict) -> dict:
+    """One flat record of a trial's run (``last``: its :func:`run_metrics`): ids, status, every knob, the final
+    metrics and their intervals."""
     row = {"trial_id": run.data.tags.get(TRIAL_TAG, run.info.run_id[:8]), "run_id": run.info.run_id,
            "status": run.data.tags.get(STATUS_TAG, run.info.status),
            "failure_reason": run.data.tags.get(FAILURE_TAG, "")}
     row.update({k: _num(run.data.params.get(k)) for k in KNOBS})
-    last = last_metrics(run)
     test = test_part(last)
     row.update({k: test.get(k, math.nan) for k in METRICS})
     row.update({f"val_{k}": last.get(key(VAL, k), last.get(k, math.nan)) for k in OBJECTIVE_METRICS})

@@ -24,7 +24,7 @@ from .checks import Parser, check_folder, existing_store
 from .config import ConfigError
 from .library.export import ExportError
 from .library.models import ModelError
-from .vocabulary import FINAL_PREFIX, KIND_TAG, PARENT_TAG, SWEEP, TRIAL, TRIAL_TAG, WISEFT_BEST_ALPHA
+from .vocabulary import FINISHED, KIND_TAG, PARENT_TAG, STATUS_TAG, SWEEP, TRIAL, TRIAL_TAG, WISEFT_BEST_ALPHA
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +53,8 @@ def find_trial(c, args):
     validation, :func:`study.selection.best_trial`). Raises :class:`ConfigError`."""
     from mlflow.exceptions import MlflowException
 
+    from analysis.records import run_metrics
+
     from .selection import best_trial
 
     if args.run_id:
@@ -68,9 +70,8 @@ def find_trial(c, args):
     metric, _, mode = parent.data.params.get("search.objective", "specialized_top1:max").split(",")[0].partition(":")
     runs = c.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}' and "
                                                       f"tags.`{KIND_TAG}` = '{TRIAL}'", max_results=50000)
-    finals = [(r.data.tags[TRIAL_TAG], {k.removeprefix(FINAL_PREFIX): v for k, v in r.data.metrics.items()
-                                        if k.startswith(FINAL_PREFIX)}) for r in runs]
-    best = best_trial([f for f in finals if f[1]], f"val/{metric}", mode or "max")
+    finals = [(r.data.tags[TRIAL_TAG], run_metrics(c, r)) for r in runs if r.data.tags.get(STATUS_TAG) == FINISHED]
+    best = best_trial(finals, f"val/{metric}", mode or "max")
     if best is None:
         raise ConfigError(f"--parent-run: sweep {parent.info.run_id} has no finished trial to export")
     return next(r for r in runs if r.data.tags[TRIAL_TAG] == best)
@@ -89,7 +90,7 @@ def find_parent(c, args):
 
 def alpha_of(text: str, run) -> float:
     if text == "best":
-        value = run.data.metrics.get(f"{FINAL_PREFIX}{WISEFT_BEST_ALPHA}", run.data.metrics.get(WISEFT_BEST_ALPHA))
+        value = run.data.metrics.get(WISEFT_BEST_ALPHA)
         if value is None:
             raise ConfigError(f"--alpha best: run {run.info.run_id} logged no {WISEFT_BEST_ALPHA}")
         return float(value)
@@ -106,6 +107,8 @@ def export_run(c, run, alpha: float, out: Path) -> tuple[Path, dict]:
     """Write ``<out>/<run name>.pt`` (+ the model config for project models, + ``<name>.json`` notes); returns
     the checkpoint's path and the notes."""
     import shutil
+
+    from analysis.records import run_metrics
 
     from .library.export import merged_clip, trained_model, write_checkpoint
     from .library.models import CONFIG_DIR
@@ -125,8 +128,7 @@ def export_run(c, run, alpha: float, out: Path) -> tuple[Path, dict]:
         shutil.copy(CONFIG_DIR / f"{name}.json", out / f"{name}.json")
     notes = {"run_id": run.info.run_id, "trial_id": run.data.tags.get(TRIAL_TAG), "model": name,
              "base_pretrained": pretrained, "alpha": alpha, "settings": settings.model_dump(),
-             "logged_final_metrics": {k.removeprefix(FINAL_PREFIX): v for k, v in run.data.metrics.items()
-                                      if k.startswith(FINAL_PREFIX) and "/wiseft/" not in k}}
+             "logged_final_metrics": {k: v for k, v in run_metrics(c, run).items() if "/wiseft/" not in k}}
     (out / f"{stem}.json").write_text(json.dumps(notes, indent=2))
     return path, notes
 

@@ -42,9 +42,27 @@ WISEFT_REPORTED = HEADLINE + CHANGES + ("mean_top1",)
 OBJECTIVE_METRICS = HEADLINE + CHANGES + tuple(WISEFT_BEST + k for k in WISEFT_REPORTED)
 #: training-side metrics every epoch reports
 TRAIN_METRICS = ("train_loss", "train_pairs", "steps", "weight_change_norm", "eval_seconds", "epoch_seconds")
-FINAL_PREFIX = "final/"                         # a trial's last-epoch metrics, logged once at step 0
+#: every metric of a run's last epoch (a trial's) or of its one evaluation (the baseline's), as one JSON
+#: artifact; the run's top level holds only :func:`top_level` of them, beside tables in ``metrics/``
+FINAL_METRICS = "metrics/final.json"
+FINAL_PREFIX = "final/"  # sweeps before metrics/final.json logged the last epoch's metrics as final/<key>
+#: metrics a run holds at its top level every epoch, beside the headline metrics of each part (top_level)
+EPOCH_LEVEL = TRAIN_METRICS + ("epoch", "setup_seconds", "process_start_time", "worker_start_time",
+                               "resumed_from_epoch")
 #: metrics the replicates summarise as mean +/- sd
 REPLICATED = HEADLINE + (SPECIALIZED_GAIN, GENERAL_CHANGE, WISEFT_BEST + SPECIALIZED_TOP1, WISEFT_BEST + GENERAL_TOP1)
+
+
+def top_level(metrics: dict) -> dict:
+    """The metrics a run shows at the top level of MLflow (about 40): training and timing, the headline
+    metrics of both parts and their changes against the baseline, the specialized gain's 95% intervals and
+    McNemar p on the test part, and the WiSE-FT alpha with the test metrics at it. The others (intervals,
+    chance levels, per-class recall, the WiSE-FT curve, every further benchmark) go to the run's
+    ``metrics/`` artifacts (:data:`FINAL_METRICS` and its tables)."""
+    wanted = {*EPOCH_LEVEL, WISEFT_BEST_ALPHA, *(key(s, m) for s in (VAL, TEST) for m in HEADLINE + CHANGES),
+              *(key(TEST, WISEFT_BEST + m) for m in HEADLINE), key(TEST, "specialized_mcnemar_p"),
+              *(key(TEST, f"{m}_gain_ci_{side}") for m in HEADLINE[:2] for side in ("low", "high"))}
+    return {k: v for k, v in metrics.items() if k in wanted}
 
 
 def key(split: str, metric: str) -> str:

@@ -25,3 +25,14 @@ def mlflow_runs(cwd: Path, experiment: str = "clip-alignment-study"):
     exp = c.get_experiment_by_name(experiment)
     assert exp is not None, f"no experiment {experiment!r}"
     return c, c.search_runs([exp.experiment_id], max_results=1000)
+
+
+def log_final_records(c, run_id: str, metrics: dict) -> None:
+    """A run's metrics as the study logs them: the top-level ones, and all of them in ``metrics/final.json``."""
+    from mlflow.entities import Metric
+
+    from study.orchestration.tracking import log_metric_artifacts
+    from study.vocabulary import top_level
+
+    c.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in top_level(metrics).items()])
+    log_metric_artifacts(c, run_id, metrics)

@@ -8,6 +8,7 @@ import re
 
 import pandas as pd
 import pytest
+from helpers import log_final_records
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -32,14 +33,20 @@ def _study(tmp_path, trials, experiment="s", parent_status="FINISHED", baseline=
     base = c.create_run(exp, tags={"mlflow.parentRunId": parent, "study.kind": "baseline"}).info.run_id
     bm = baseline or BASELINE
     bm = {f"{p}/{k}": v for k, v in bm.items() for p in ("val", "test")} if split else bm
-    c.log_batch(base, metrics=[Metric(k, v, 0, 0) for k, v in bm.items()])
+    if split:
+        log_final_records(c, base, bm)  # as the study logs it
+    else:  # sweeps before the validation/test split logged everything at the top level
+        c.log_batch(base, metrics=[Metric(k, v, 0, 0) for k, v in bm.items()])
     c.set_terminated(base)
     for i, (status, params, metrics) in enumerate(trials):
         run = c.create_run(exp, tags={"mlflow.parentRunId": parent, "study.kind": "trial",
                                       "study.trial_id": f"t{i:07d}", "study.status": status,
                                       **({"study.failure_reason": "NonFiniteLossError: loss became inf"}
                                          if status == "FAILED" else {})}).info.run_id
-        c.log_batch(run, params=[], metrics=[Metric(f"final/{k}", v, 0, 0) for k, v in metrics.items()])
+        if split:
+            log_final_records(c, run, metrics)  # as the worker logs a trial's last epoch
+        else:  # ... and as it did before metrics/final.json: every metric at the top level, as final/<key>
+            c.log_batch(run, metrics=[Metric(f"final/{k}", v, 0, 0) for k, v in metrics.items()])
         for k, v in params.items():
             c.log_param(run, k, str(v))
         c.set_terminated(run, "FINISHED" if status == "FINISHED" else "FAILED")

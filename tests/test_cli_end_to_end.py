@@ -6,8 +6,11 @@ import json
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from helpers import mlflow_runs, run_cli
+
+from analysis.records import run_metrics
 
 TRIAL_PARAMS = {"learning_rate", "lora_rank", "data_fraction", "tether_weight", "epochs", "batch_size",
                 "lora_targets", "lora_towers", "lora_blocks"}
@@ -61,7 +64,9 @@ def test_smoke_study_records_parent_baseline_and_one_child_per_trial(tmp_path, s
     assert "WiSE-FT (trained change x alpha): alpha" in out and "paired 95% CI [" in out and "Holm-adjusted" in out
 
     baseline = next(r for r in children if r.data.tags["study.kind"] == "baseline")
-    bm = baseline.data.metrics
+    bm = run_metrics(c, baseline)  # every metric: its metrics/final.json over its top level
+    assert len(baseline.data.metrics) <= 40 and bm["test/specialized_top1"] == baseline.data.metrics[
+        "test/specialized_top1"]
     assert 0 <= bm["test/specialized_top1"] <= 1 and 0 <= bm["val/specialized_top1"] <= 1
     assert bm["test/specialized_top1_ci_low"] <= bm["test/specialized_top1"]
     assert bm["test/specialized_chance_balanced_accuracy"] == 0.25  # 4 morphologies
@@ -91,12 +96,25 @@ def test_smoke_study_records_parent_baseline_and_one_child_per_trial(tmp_path, s
         assert run.info.status == "FINISHED" and run.data.tags["study.status"] == "FINISHED"
         assert TRIAL_PARAMS <= set(run.data.params), set(run.data.params)
         assert run.data.params["epochs"] == "2"
-        m = run.data.metrics
+        # The run's top level holds what a reader compares runs by; everything else is in metrics/.
+        top, m = run.data.metrics, run_metrics(c, run)
+        assert len(top) <= 40, sorted(top)
         for key in ("val/specialized_top1", "val/general_top1", "val/specialized_balanced_accuracy", "train_loss",
-                    "weight_change_norm", "final/test/specialized_top1", "final/test/general_top1_change",
-                    "test/specialized_balanced_accuracy_gain_ci_low", "test/general_mcnemar_p",
-                    "test/specialized_recall/0", "test/specialized_mcnemar_p_holm", "test/specialized_collapsed"):
+                    "weight_change_norm", "test/specialized_top1", "test/general_top1_change", "wiseft_best_alpha",
+                    "test/specialized_balanced_accuracy_gain_ci_low", "test/specialized_mcnemar_p_holm"):
+            assert key in top, key
+        assert not any(k.startswith(("final/", "val/wiseft/")) or "recall/" in k for k in top)
+        for key in ("test/general_mcnemar_p", "test/specialized_recall/0", "test/specialized_collapsed"):
             assert key in m, key
+        tables = {a.path for a in c.list_artifacts(run.info.run_id, "metrics")}
+        assert tables == {f"metrics/{n}" for n in ("final.json", "per_class.csv", "intervals.csv", "wiseft.csv")}
+        per_class = pd.read_csv(c.download_artifacts(run.info.run_id, "metrics/per_class.csv", str(tmp_path)))
+        spec = per_class[(per_class["part"] == "test") & (per_class["benchmark"] == "specialized")]
+        assert len(spec) == 4 and spec["class"].str.len().min() > 1  # the 4 morphologies, by name
+        for _, row in spec.iterrows():
+            assert row["recall"] == pytest.approx(m[f"test/specialized_recall/{row['class_index']}"], abs=1e-5)
+        curve = pd.read_csv(c.download_artifacts(run.info.run_id, "metrics/wiseft.csv", str(tmp_path)))
+        assert list(curve["alpha"]) == [0.0, 0.25, 0.5, 0.75, 1.0] and "val/specialized_top1" in curve
         assert m["test/specialized_top1_ci_low"] <= m["test/specialized_top1"] <= m["test/specialized_top1_ci_high"]
         assert 0 <= m["test/specialized_mcnemar_p"] <= m["test/specialized_mcnemar_p_holm"] <= 1
         assert "eval/test_specialized_confusion.csv" in {a.path for a in c.list_artifacts(run.info.run_id, "eval")}

@@ -154,7 +154,9 @@ def test_ray_up_runs_the_smoke_study_on_an_onprem_cluster(tmp_path, sshd, smoke_
         kinds = sorted(r.data.tags.get("study.kind") for r in runs)
         assert kinds == ["baseline", "sweep", "trial", "trial"], kinds
         trials = [r for r in runs if r.data.tags["study.kind"] == "trial"]
-        assert all(r.info.status == "FINISHED" and "final/test/specialized_top1" in r.data.metrics for r in trials)
+        assert all(r.info.status == "FINISHED" and "test/specialized_top1" in r.data.metrics for r in trials)
+        finals = {a.path for a in c.list_artifacts(trials[0].info.run_id, "metrics")}
+        assert "metrics/final.json" in finals and "metrics/per_class.csv" in finals  # proxied too
         artifacts = {a.path for a in c.list_artifacts(trials[0].info.run_id, "adapter")}
         assert "adapter/adapter_model.safetensors" in artifacts  # proxied by the server the config started
         assert (tmp_path / "mlartifacts").is_dir()

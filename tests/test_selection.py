@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from mlflow.entities import Metric
+from helpers import log_final_records
 from mlflow.tracking import MlflowClient
 
 from study.orchestration.summary import TrialOutcome, format_summary
@@ -53,7 +53,7 @@ def test_a_tie_gives_the_same_best_trial_in_the_summary_and_in_the_report(tmp_pa
     c.log_param(parent, "search.objective", "specialized_balanced_accuracy:max")
     baseline = _parts(0.4, 0.8)
     base = c.create_run(exp, tags={"mlflow.parentRunId": parent, "study.kind": "baseline"}).info.run_id
-    c.log_batch(base, metrics=[Metric(k, v, 0, 0) for k, v in baseline.items()])
+    log_final_records(c, base, baseline)
     c.set_terminated(base)
     trials = {"aaaa0001": (0.5, 0.3), "ffff0002": (0.5, 0.7), "bbbb0003": (0.45, 0.8)}
     rows = []
@@ -61,7 +61,7 @@ def test_a_tie_gives_the_same_best_trial_in_the_summary_and_in_the_report(tmp_pa
         run = c.create_run(exp, tags={"mlflow.parentRunId": parent, "study.kind": "trial", "study.trial_id": tid,
                                       "study.status": "FINISHED"}).info.run_id
         metrics = _parts(spec, gen)
-        c.log_batch(run, metrics=[Metric(f"final/{k}", v, 0, 0) for k, v in metrics.items()])
+        log_final_records(c, run, metrics)  # as the worker logs a trial's last epoch
         for k, v in {"learning_rate": 1e-3, "lora_rank": 4, "data_fraction": 1.0, "tether_weight": 0.0,
                      "seed": 0}.items():
             c.log_param(run, k, str(v))

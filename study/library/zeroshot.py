@@ -201,3 +201,49 @@ def detailed_metrics(logits: torch.Tensor, labels: torch.Tensor, baseline_pred: 
     for name, values in samples.items():
         out[f"{name}_ci_low"], out[f"{name}_ci_high"] = (float(v) for v in np.percentile(values, [2.5, 97.5]))
     return out, confusion
+
+
+def metric_tables(metrics: dict, confusions: dict | None = None) -> dict[str, str]:
+    """CSV tables of one evaluation's metrics, for a run's ``metrics/`` artifacts: ``{file name: text}``.
+
+    * ``per_class.csv`` - ``part, benchmark, class_index, class, images, recall`` from ``confusions``
+      ``{label: (confusion [C, C] (rows true, columns predicted), class names)}``, as :func:`evaluate_sets`
+      returns them; ``part`` is ``val``/``test`` (empty for a whole benchmark);
+    * ``intervals.csv`` - ``metric, value, ci_low, ci_high``: every metric with a 95% interval;
+    * ``wiseft.csv`` - ``alpha`` and one column per metric of the ``<part>/.../wiseft/alpha_<a>/`` keys,
+      one row per alpha (the WiSE-FT curve; Wortsman et al. 2022).
+    """
+    import csv
+    import io
+
+    def text(header, rows) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+        return buf.getvalue()
+
+    out = {}
+    rows = []
+    for label, (matrix, classnames) in sorted((confusions or {}).items()):
+        part, _, bench = label.partition("_") if label.startswith(("val_", "test_")) else ("", "", label)
+        for k, (name, row) in enumerate(zip(classnames, np.asarray(matrix))):
+            images = int(row.sum())
+            rows.append([part, bench, k, name, images, f"{row[k] / images:.6g}" if images else ""])
+    if rows:
+        out["per_class.csv"] = text(["part", "benchmark", "class_index", "class", "images", "recall"], rows)
+    bounded = sorted(k.removesuffix("_ci_low") for k in metrics if k.endswith("_ci_low"))
+    out["intervals.csv"] = text(["metric", "value", "ci_low", "ci_high"],
+                                [[k, metrics.get(k, ""), metrics[f"{k}_ci_low"], metrics.get(f"{k}_ci_high", "")]
+                                 for k in bounded])
+    curve: dict[float, dict] = {}
+    for k, v in metrics.items():
+        head, sep, rest = k.partition("/wiseft/alpha_")
+        if sep:
+            alpha, _, name = rest.partition("/")
+            curve.setdefault(float(alpha), {})[f"{head}/{name}"] = v
+    if curve:
+        columns = sorted({c for row in curve.values() for c in row})
+        out["wiseft.csv"] = text(["alpha", *columns], [[a, *(curve[a].get(c, "") for c in columns)]
+                                                       for a in sorted(curve)])
+    return out

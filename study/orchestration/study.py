@@ -25,7 +25,7 @@ from ..vocabulary import FAILED as FAILED_STATUS
 from ..vocabulary import FAILURE_TAG, GENERAL_TOP1
 from ..vocabulary import INTERRUPTED as INTERRUPTED_STATUS
 from ..vocabulary import (KIND_TAG, OVERLAP_METRIC, PARENT_TAG, REPLICATED, ROLES, SPECIALIZED_TOP1, SWEEP, SWEEP_TAG,
-                          TEST, TRANSFER_NOTE_TAG, TRANSFER_TAG, UNFINISHED, VAL, key)
+                          TEST, TRANSFER_NOTE_TAG, TRANSFER_TAG, UNFINISHED, VAL, key, top_level)
 from . import tracking
 from .prepare import Prepared
 from .replicates import format_spreads, pick_best, replicate_configs, spread_metrics, spreads
@@ -115,7 +115,8 @@ def record_sweep_start(c, exp_id: str, parent: str, cfg: StudyConfig, prepared: 
     now = int(time.time() * 1000)
     c.log_batch(parent, metrics=[Metric(f"{OVERLAP_METRIC}/{name}", v["images"], now, 0)
                                  for name, v in prepared.overlap.items()])
-    c.log_batch(baseline, metrics=[Metric(k, v, now, 0) for k, v in prepared.baseline.items()])
+    c.log_batch(baseline, metrics=[Metric(k, v, now, 0) for k, v in top_level(prepared.baseline).items()])
+    tracking.log_metric_artifacts(c, baseline, prepared.baseline, prepared.baseline_confusions)
     for bench, (matrix, classnames) in prepared.baseline_confusions.items():
         tracking.log_confusion(c, baseline, bench, matrix, classnames)
     c.set_terminated(baseline)

@@ -18,8 +18,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from ..vocabulary import (FAILURE_TAG, FINAL_PREFIX, FINISHED, GIT_COMMIT_TAG, KIND_TAG, MLFLOW_STATUS, ORPHANED,
-                          PARENT_TAG, RUN_NAME_TAG, RUNNING, STATUS_TAG, TRIAL, TRIAL_TAG, EARLY_STOPPED, FAILED)
+from ..vocabulary import (FAILURE_TAG, FINAL_METRICS, FINISHED, GIT_COMMIT_TAG, KIND_TAG, MLFLOW_STATUS, ORPHANED,
+                          PARENT_TAG, RUN_NAME_TAG, RUNNING, STATUS_TAG, TRIAL, TRIAL_TAG, EARLY_STOPPED, FAILED,
+                          top_level)
 
 PACKAGES = ("torch", "torchvision", "open_clip_torch", "peft", "ray", "optuna", "mlflow", "datasets", "numpy",
             "pydantic")
@@ -125,6 +126,28 @@ def log_dict_artifact(c, run_id: str, data, filename: str, text: str | None = No
         c.log_artifact(run_id, str(path))
 
 
+def log_metric_artifacts(c, run_id: str, metrics: dict, confusions: dict | None = None) -> None:
+    """Every metric of an evaluation as ``metrics/final.json`` and its tables (per-class recall with class
+    names, the intervals, the WiSE-FT curve: :func:`~study.library.zeroshot.metric_tables`) beside it. The
+    JSON goes last, so a run that holds it holds the tables too (:func:`has_final_metrics`)."""
+    from ..library.zeroshot import metric_tables
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "metrics"
+        folder.mkdir()
+        for name, text in metric_tables(metrics, confusions).items():
+            (folder / name).write_text(text)
+        c.log_artifacts(run_id, str(folder), "metrics")
+        final = Path(tmp) / Path(FINAL_METRICS).name
+        final.write_text(json.dumps(metrics, indent=1, sort_keys=True, default=float))
+        c.log_artifact(run_id, str(final), str(Path(FINAL_METRICS).parent))
+
+
+def has_final_metrics(c, run_id: str) -> bool:
+    """Whether the run holds its final records (``metrics/final.json``)."""
+    return any(a.path == FINAL_METRICS for a in c.list_artifacts(run_id, str(Path(FINAL_METRICS).parent)))
+
+
 def flat_params(d: dict, prefix: str = "") -> dict[str, str]:
     out = {}
     for k, v in d.items():
@@ -201,7 +224,7 @@ def close_stopped_runs(c, experiment_id: str, parent_run_id: str, stopped_trials
             if FAILURE_TAG in r.data.tags:
                 c.delete_tag(r.info.run_id, FAILURE_TAG)
             # A trial whose final records are all in (logged before its last report) did finish.
-            complete = any(k.startswith(FINAL_PREFIX) for k in r.data.metrics)
+            complete = has_final_metrics(c, r.info.run_id)
             status = FINISHED if complete else EARLY_STOPPED
             c.set_tag(r.info.run_id, STATUS_TAG, status)
             c.set_terminated(r.info.run_id, status=MLFLOW_STATUS[status])
@@ -288,7 +311,7 @@ class TrialLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        batch = [Metric(k, float(v), now, step) for k, v in top_level(metrics).items()]
 
         def write():
             if step in self._recorded_steps():
@@ -309,25 +332,19 @@ class TrialLogger:
     def log_confusion(self, bench: str, matrix, classnames: list[str]) -> None:
         self._queue.put(lambda: log_confusion(self.c, self.run_id, bench, matrix, classnames))
 
-    def log_final(self, model, metrics: dict, only_if_missing: bool = False) -> None:
-        """The last epoch's metrics as ``final/<key>`` (step 0) and the adapter under ``adapter/``;
-        ``only_if_missing``: unless the run already holds final metrics (a resumed attempt's)."""
-        from mlflow.entities import Metric
-
+    def log_final(self, model, metrics: dict, confusions: dict | None = None, only_if_missing: bool = False) -> None:
+        """The last epoch's metrics, all of them, under ``metrics/`` (:func:`log_metric_artifacts`; the top-level
+        ones came with the epoch) and the adapter under ``adapter/``; ``only_if_missing``: unless the run
+        already holds its final records (a resumed attempt's)."""
         from ..library.alignment import save_adapter
 
-        now = int(time.time() * 1000)
-        final = [Metric(f"{FINAL_PREFIX}{k}", float(v), now, 0) for k, v in metrics.items()]
         tmp = tempfile.mkdtemp(prefix="adapter-")
         folder = save_adapter(model, Path(tmp) / "adapter")  # now, while the weights are the final ones
 
         def write():
-            if only_if_missing and any(k.startswith(FINAL_PREFIX) for k in self.c.get_run(self.run_id).data.metrics):
-                shutil.rmtree(tmp, ignore_errors=True)
-                return
-            for i in range(0, len(final), 500):
-                self.c.log_batch(self.run_id, metrics=final[i:i + 500])
-            self.c.log_artifacts(self.run_id, str(folder), "adapter")
+            if not (only_if_missing and has_final_metrics(self.c, self.run_id)):
+                self.c.log_artifacts(self.run_id, str(folder), "adapter")
+                log_metric_artifacts(self.c, self.run_id, metrics, confusions)
             shutil.rmtree(tmp, ignore_errors=True)
 
         self._queue.put(write)

@@ -99,6 +99,7 @@ class Worker:
     net: Any = None               # what a training step calls: model, or SuffixCLIP(model); DDP-wrapped if world > 1
     memo: dict = field(default_factory=dict)  # class-prompt text prefixes, shared by every evaluation
     session: Any = None           # where it reports (a Session)
+    confusions: dict = field(default_factory=dict)  # the latest detailed evaluation's, by benchmark part
 
     @property
     def clip(self) -> torch.nn.Module:
@@ -366,6 +367,7 @@ def evaluate(w: Worker, final: bool) -> dict:
     if w.logger:
         for name, (matrix, classnames) in confusions.items():
             w.logger.log_confusion(name, matrix, classnames)
+    w.confusions = confusions  # the last epoch's go into the final records' per-class table
     return metrics
 
 
@@ -375,7 +377,7 @@ def checkpoint_and_report(w: Worker, epoch: int, metrics: dict) -> None:
     if w.logger:
         w.logger.log_epoch(metrics, step=epoch + 1)
         if epoch + 1 == w.job.settings.epochs:
-            w.logger.log_final(w.model, metrics)
+            w.logger.log_final(w.model, metrics, w.confusions)
             w.logger.close()
     with tempfile.TemporaryDirectory() as tmp:
         if w.rank == 0:
@@ -398,7 +400,7 @@ def report_restored(w: Worker) -> None:
     """
     if w.logger:
         if w.restored_metrics:  # the lost attempt may have died before its final records reached MLflow
-            w.logger.log_final(w.model, w.restored_metrics, only_if_missing=True)
+            w.logger.log_final(w.model, w.restored_metrics, only_if_missing=True)  # no per-class table
         w.logger.close()
     if w.restored_metrics:  # all ranks read the same checkpoint, so all report or none does
         w.session.report(w.restored_metrics if w.rank == 0 else {}, None)
