@@ -237,7 +237,7 @@ def sweep_and_report(cfg: StudyConfig, params: dict, prepared: Prepared, opts: R
     adjusted = annotate_trials(state, rows)
     log_headline(state, headline_metrics(rows, state["baseline"], cfg))
     print(format_summary(rows, state["baseline"], cfg, state["tracking_uri"], state["parent_run_id"], spread_lines,
-                         adjusted, prepared.transfer), flush=True)
+                         adjusted, prepared.transfer, state["experiment_id"]), flush=True)
     if not done:
         return 1, f"all {len(rows)} trials failed: {failure_counts([r for r in rows if r.status == ERROR])}"
     analyse(state["tracking_uri"], cfg.name, state["parent_run_id"], opts.output_dir)

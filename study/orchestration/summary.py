@@ -50,9 +50,11 @@ def failure_counts(failed: list[TrialOutcome]) -> str:
 
 
 def format_summary(rows: list[TrialOutcome], baseline: dict, cfg: StudyConfig, tracking_uri: str,
-                   parent_run_id: str, extra: list[str] = (), adjusted: dict | None = None, transfer: str = "") -> str:
+                   parent_run_id: str, extra: list[str] = (), adjusted: dict | None = None, transfer: str = "",
+                   experiment_id: str | None = None) -> str:
     """The end-of-run answer; ``adjusted``: Holm-adjusted p-values by trial id; ``extra`` lines (e.g. the seed
-    replicates) go before the MLflow pointers; ``transfer``: why the study is in-distribution transfer, if it is."""
+    replicates) go before the MLflow pointers; ``transfer``: why the study is in-distribution transfer, if it is;
+    ``experiment_id``: for the link to the experiment's runs in the MLflow UI."""
     done = [r for r in rows if r.status == DONE]
     failed = [r for r in rows if r.status == ERROR]
     first = cfg.search.objective[0]
@@ -75,10 +77,19 @@ def format_summary(rows: list[TrialOutcome], baseline: dict, cfg: StudyConfig, t
                             len(adjusted or {}))
         if cfg.multi_objective:
             lines += front_lines(rows, baseline)
-    ui = (f"mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)"
-          if tracking_uri.startswith("sqlite:") else f"open {tracking_uri} in a browser")
+    local = tracking_uri.startswith("sqlite:")
+    page = runs_page("http://127.0.0.1:5000" if local else tracking_uri, experiment_id)
+    ui = f"mlflow ui --backend-store-uri {tracking_uri}, then open {page}" if local else f"open {page}"
     lines += [*extra, f"MLflow experiment {cfg.name!r}, parent run {parent_run_id}", f"  to browse: {ui}", "=" * 72]
     return "\n".join(lines)
+
+
+def runs_page(server: str, experiment_id: str | None) -> str:
+    """The MLflow UI's page of an experiment's runs. MLflow 3's UI opens an experiment on its GenAI traces
+    unless the browser chose "Model training" before; ``workflowType=machine_learning`` makes that choice."""
+    if experiment_id is None:
+        return server
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def headline_metrics(rows: list[TrialOutcome], baseline: dict, cfg: StudyConfig) -> dict[str, float]:

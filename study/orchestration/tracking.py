@@ -64,8 +64,8 @@ def client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-# MLflow 3's UI opens an experiment on the view its kind names; without the tag it guesses from traces and
-# opens the GenAI one. This study's runs are model training (the UI's "Model training" view).
+# MLflow 3 UIs before the global "GenAI | Model training" switch open an experiment on the view its kind names;
+# 3.17's follows the switch (GenAI unless chosen), so the summary links to ?workflowType=machine_learning too.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
