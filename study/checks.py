@@ -46,6 +46,13 @@ def count_or_auto(text: str):
         raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {text!r}") from None
 
 
+def model_name(text: str) -> str:
+    """argparse type: a name for the MLflow Model Registry (not empty, no ``/`` or ``:``, as MLflow requires)."""
+    if not text.strip() or any(c in text for c in "/:"):
+        raise argparse.ArgumentTypeError(f"expected a registered model name without '/' or ':', got {text!r}")
+    return text
+
+
 TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc",
                     "file")
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")

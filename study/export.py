@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .checks import Parser, check_folder, existing_store
+from .checks import Parser, check_folder, existing_store, model_name
 from .config import ConfigError
 from .library.export import ExportError
 from .library.models import ModelError
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and, for the offline model, its open_clip config (default: ./exports)")
     p.add_argument("--log-model", action="store_true",
                    help="also log the merged model to the trial's run as an MLflow model (mlflow.pytorch)")
-    p.add_argument("--register", metavar="NAME", help="log it (as --log-model) and register it as NAME in the "
+    p.add_argument("--register", metavar="NAME", type=model_name, help="log it (as --log-model) and register it as NAME in the "
                                                       "MLflow Model Registry")
     return p
 

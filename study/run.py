@@ -19,7 +19,7 @@ if __name__ == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]):
     print("[study] checking the configuration, data, model and tracking store; nothing starts until they pass",
           flush=True)
 
-from .checks import Parser, count_or_auto, positive_int
+from .checks import Parser, count_or_auto, model_name, positive_int
 from .config import SPACES_DIR, Blame, ConfigError, load_study_config, parse_override
 from .library.models import ModelError
 from .library.sources import DataError
@@ -46,6 +46,7 @@ EXAMPLES = """examples:
   python -m study.run --set lora_rank=8 --set params.learning_rate.high=0.02
   python -m study.run --seeds 3 --replicate-top 2       # then rerun the best 2 with 3 seeds each
   python -m study.run --resume                         # continue an interrupted sweep
+  python -m study.run --register clip-cells            # then the best trial -> MLflow Model Registry
   python -m study.run --space my_cells.yaml            # your own labelled image folder (README: "Your own data")
   mlflow ui --backend-store-uri sqlite:///mlflow.db    # browse the runs
 """
@@ -55,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="python -m study.run",
         description="Fine-tune the image-text alignment module (LoRA adapters, projection heads, temperature) of a "
-                    "CLIP model on a domain dataset, searching hyperparameters with Ray Tune + Optuna over Ray Train "
-                    "workers, and record every trial in MLflow. With no arguments: the offline default study.",
+                    "CLIP model on a domain dataset, searching hyperparameters with Ray Tune + Optuna (a trial trains "
+                    "in its Tune trial, or over Ray Train workers with DDP), and record every trial in MLflow. With no arguments: the offline default study.",
         epilog=EXAMPLES, formatter_class=_Help)
     p.add_argument("--space", type=Path, default=SPACES_DIR / "default.yaml",
                    help="search-space YAML (distributions, fixed values, trials, concurrency, resources, objective)")
@@ -96,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "stores (<cache>/stores, bounded by data.cache_max_gb) are cached (env CLIP_STUDY_CACHE)")
     p.add_argument("--address",
                    help="Ray cluster address (env RAY_ADDRESS); default: start a local Ray")
+    p.add_argument("--register", metavar="NAME", type=model_name,
+                   help="once the sweep is done, export its best trial (chosen on validation) to "
+                        "<output-dir>/<study>/exports as an open_clip checkpoint, log it to the trial's run as an "
+                        "MLflow model and register it as NAME (python -m study.export --register NAME does the "
+                        "same for any sweep)")
     return p
 
 
@@ -161,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     try:
-        cfg, params, prepared, opts = checked(build_parser().parse_args(argv))
+        args = build_parser().parse_args(argv)
+        cfg, params, prepared, opts = checked(args)
     except (ConfigError, DataError, ModelError, OSError) as exc:  # each names the file or flag and the field at fault
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -170,7 +177,20 @@ def _run(argv: list[str] | None) -> int:
         return 130
     from .orchestration.study import run_study
 
-    return run_study(cfg, params, prepared, opts)
+    code = run_study(cfg, params, prepared, opts)
+    return register_best(args.register, cfg.name, opts) if code == 0 and args.register else code
+
+
+def register_best(name: str, study: str, opts) -> int:
+    """``--register``: the finished sweep's best trial exported and registered (``study.export``); 0, or 1 when
+    that fails (the sweep and its records stand)."""
+    from . import export
+
+    state = opts.saved_state(study)
+    print(f"[study] registering the best trial as {name!r}", flush=True)
+    code = export.main(["--tracking-uri", state["tracking_uri"], "--experiment", study, "--parent-run",
+                        state["parent_run_id"], "--out", str(opts.output_dir / study / "exports"), "--register", name])
+    return 0 if code == 0 else 1
 
 
 if __name__ == "__main__":

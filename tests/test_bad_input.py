@@ -123,6 +123,7 @@ CASES = [
     R("trials-zero", ["--trials", "0"], "--trials", "integer >= 1"),
     R("max-concurrent-zero", ["--max-concurrent", "0"], "--max-concurrent", ">= 1"),
     R("max-concurrent-word", ["--max-concurrent", "lots"], "--max-concurrent", "or 'auto'", "'lots'"),
+    R("register-slash", ["--register", "cells/v1"], "--register", "without '/' or ':'", "'cells/v1'"),
     R("workers-zero", ["--workers", "0"], "--workers", ">= 1"),
     R("seeds-zero", ["--seeds", "0"], "--seeds", ">= 1"),
     R("seeds-too-many", ["--seeds", "1000"], "--seeds", "search.replicate_seeds"),

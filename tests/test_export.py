@@ -95,15 +95,18 @@ def _evaluate_checkpoint(ckpt: Path, cache: Path) -> dict:
 
 
 def test_export_reproduces_the_trials_logged_metrics_and_registers_the_model(tmp_path, smoke_cache):
-    proc = run_cli(["--smoke-test", "--trials", "1", "--set", "params.epochs=2"], tmp_path, smoke_cache)
+    # The sweep registers its best trial as trained (alpha 1): exported, logged as an MLflow model, registered.
+    proc = run_cli(["--smoke-test", "--trials", "1", "--set", "params.epochs=2", "--register", "clip-smoke"],
+                   tmp_path, smoke_cache)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "registered as 'clip-smoke'" in proc.stdout
     c, runs = mlflow_runs(tmp_path)
     trial = next(r for r in runs if r.data.tags["study.kind"] == "trial")
     m, tid = run_metrics(c, trial), trial.data.tags["study.trial_id"]  # every final metric the trial logged
+    assert (tmp_path / "outputs" / "clip-alignment-study" / "exports" / f"{tid}.pt").is_file()
 
-    # The sweep's best trial as trained (alpha 1), also logged as an MLflow model and registered.
-    out = _export(tmp_path, "--register", "clip-smoke")
-    assert "registered as 'clip-smoke'" in out
+    # study.export on its own: the latest sweep's best trial.
+    _export(tmp_path)
     ckpt = tmp_path / "exports" / f"{tid}.pt"
     assert json.loads(ckpt.with_suffix(".json").read_text())["run_id"] == trial.info.run_id
     metrics = _evaluate_checkpoint(ckpt, smoke_cache)
