@@ -120,6 +120,17 @@ def test_export_reproduces_the_trials_logged_metrics_and_registers_the_model(tmp
     registry = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     version = registry.get_latest_versions("clip-smoke")[0]
     assert version.run_id == trial.info.run_id
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        model = mlflow.pytorch.load_model(f"models:/clip-smoke/{version.version}")  # the registered model, back
+    finally:
+        mlflow.set_tracking_uri(before)
+    exported = torch.load(tmp_path / "outputs" / "clip-alignment-study" / "exports" / f"{tid}.pt", weights_only=True)
+    assert model.state_dict().keys() == exported.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in exported.items())
     after = registry.get_run(trial.info.run_id)
     assert after.info.status == "FINISHED" and after.info.end_time == trial.info.end_time
 
