@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 with the report written; 2 on bad input (one ``error:`` line, nothing written)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # it reads a small file per trial
     try:
         args = build_parser().parse_args(argv)
         uri = existing_store(args.tracking_uri)

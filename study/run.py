@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     from .orchestration.tuner import term_as_interrupt
 
     previous = signal.signal(signal.SIGTERM, term_as_interrupt)  # a `kill` stops as gracefully as Ctrl-C
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the report reads a file per trial
     try:
         return _run(argv)
     finally:

@@ -26,6 +26,7 @@ def test_smoke_study_records_parent_baseline_and_one_child_per_trial(tmp_path, s
     # A quiet console: the study's own lines and trial table, none of Ray's result dumps or hints.
     assert "[study] trials: " in out and "val spec." in out
     assert "Reporting training result" not in out + proc.stderr and "TensorBoard" not in out + proc.stderr
+    assert "Downloading artifacts" not in proc.stderr  # the report reads each trial's metrics/final.json
 
     c, runs = mlflow_runs(tmp_path)
     kinds = [r.data.tags.get("study.kind") for r in runs]
