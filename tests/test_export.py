@@ -94,7 +94,7 @@ def _evaluate_checkpoint(ckpt: Path, cache: Path) -> dict:
     return metrics
 
 
-def test_export_reproduces_the_trials_logged_metrics_and_registers_the_model(tmp_path, smoke_cache):
+def test_export_reproduces_the_trials_logged_metrics_and_registers_the_model(tmp_path, smoke_cache, monkeypatch):
     # The sweep registers its best trial as trained (alpha 1): exported, logged as an MLflow model, registered.
     proc = run_cli(["--smoke-test", "--trials", "1", "--set", "params.epochs=2", "--register", "clip-smoke"],
                    tmp_path, smoke_cache)
@@ -122,12 +122,9 @@ def test_export_reproduces_the_trials_logged_metrics_and_registers_the_model(tmp
     assert version.run_id == trial.info.run_id
     import mlflow
 
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    try:
-        model = mlflow.pytorch.load_model(f"models:/clip-smoke/{version.version}")  # the registered model, back
-    finally:
-        mlflow.set_tracking_uri(before)
+    # (mlflow.set_tracking_uri would leak into later tests' subprocesses: it exports MLFLOW_TRACKING_URI)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model = mlflow.pytorch.load_model(f"models:/clip-smoke/{version.version}")  # the registered model, back
     exported = torch.load(tmp_path / "outputs" / "clip-alignment-study" / "exports" / f"{tid}.pt", weights_only=True)
     assert model.state_dict().keys() == exported.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in exported.items())
