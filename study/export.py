@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and, for the offline model, its open_clip config (default: ./exports)")
     p.add_argument("--log-model", action="store_true",
                    help="also log the merged model to the trial's run as an MLflow model (mlflow.pytorch)")
-    p.add_argument("--register", metavar="NAME", type=model_name, help="log it (as --log-model) and register it as NAME in the "
-                                                      "MLflow Model Registry")
+    p.add_argument("--register", metavar="NAME", type=model_name,
+                   help="log it (as --log-model) and register it as NAME in the MLflow Model Registry")
     return p
 
 

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m study.run",
         description="Fine-tune the image-text alignment module (LoRA adapters, projection heads, temperature) of a "
                     "CLIP model on a domain dataset, searching hyperparameters with Ray Tune + Optuna (a trial trains "
-                    "in its Tune trial, or over Ray Train workers with DDP), and record every trial in MLflow. With no arguments: the offline default study.",
+                    "in its Tune trial, or over Ray Train workers with DDP), and record every trial in MLflow. "
+                    "With no arguments: the offline default study.",
         epilog=EXAMPLES, formatter_class=_Help)
     p.add_argument("--space", type=Path, default=SPACES_DIR / "default.yaml",
                    help="search-space YAML (distributions, fixed values, trials, concurrency, resources, objective)")
