@@ -42,7 +42,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
 EXAMPLES = """examples:
   python -m study.run                                  # the default offline study
   python -m study.run --smoke-test                     # 2 tiny trials, about a minute
-  python -m study.run --space search_spaces/pareto.yaml --trials 16 --max-concurrent 2
+  python -m study.run --space pareto --trials 16 --max-concurrent 2   # a shipped space, by name
   python -m study.run --set lora_rank=8 --set params.learning_rate.high=0.02
   python -m study.run --seeds 3 --replicate-top 2       # then rerun the best 2 with 3 seeds each
   python -m study.run --resume                         # continue an interrupted sweep
@@ -50,6 +50,17 @@ EXAMPLES = """examples:
   python -m study.run --space my_cells.yaml            # your own labelled image folder (README: "Your own data")
   mlflow ui --backend-store-uri sqlite:///mlflow.db    # browse the runs
 """
+
+
+def space_path(text: str) -> Path:
+    """argparse type for ``--space``: a path, else a space shipped in ``search_spaces/`` by name (``pareto``,
+    ``pareto.yaml``, ``search_spaces/pareto.yaml`` from any directory); a path that is neither is kept, so
+    the config check names it."""
+    path = Path(text).expanduser()
+    if path.exists() or path.parts[:-1] not in ((), (SPACES_DIR.name,)):
+        return path
+    shipped = SPACES_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    return shipped if shipped.exists() else path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "in its Tune trial, or over Ray Train workers with DDP), and record every trial in MLflow. "
                     "With no arguments: the offline default study.",
         epilog=EXAMPLES, formatter_class=_Help)
-    p.add_argument("--space", type=Path, default=SPACES_DIR / "default.yaml",
-                   help="search-space YAML (distributions, fixed values, trials, concurrency, resources, objective)")
+    p.add_argument("--space", type=space_path, default=SPACES_DIR / "default.yaml",
+                   help="search-space YAML (distributions, fixed values, trials, concurrency, resources, objective): "
+                        "a path, or the name of one the project ships (default, pareto)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the space, e.g. --set search.trials=4, --set lora_rank=8 "
                         "(a bare parameter name fixes it), --set params.learning_rate.high=0.1; repeatable")

@@ -79,6 +79,12 @@ def test_smoke_study_records_parent_baseline_and_one_child_per_trial(tmp_path, s
 
     trials = [r for r in children if r.data.tags["study.kind"] == "trial"]
     assert len({r.data.tags["study.trial_id"] for r in trials}) == 2
+    # Each trial's fine-tuning subset is its run's training input: the parent's set at its data fraction.
+    subsets = [c.get_run(r.info.run_id).inputs.dataset_inputs for r in trials]
+    for r, (d,) in zip(trials, subsets):
+        assert d.dataset.name == f"finetune (train) f={float(r.data.params['data_fraction']):.3g}", d.dataset.name
+        assert d.tags[0].value == "training" and d.dataset.source_type == "code"
+    assert len({d.dataset.digest for (d,) in subsets}) == 2
 
     # --seeds 2 --replicate-top 1: the best trial rerun once with the next seed; mean +/- sd reported.
     rep = next(r for r in children if r.data.tags["study.kind"] == "replicate")

@@ -108,3 +108,15 @@ def test_fractional_gpus_pack_trials_and_auto_concurrency_is_accepted():
     assert sc.num_workers == 2 and sc.use_gpu and sc.resources_per_worker == {"CPU": 1, "GPU": 0.25}
     with pytest.raises(ConfigError, match="search.max_concurrent"):
         load_study_config(None, [("search.max_concurrent", 0)])
+
+
+def test_a_shipped_space_is_found_by_name_from_any_directory(tmp_path, monkeypatch):
+    from study.config import SPACES_DIR
+    from study.run import build_parser
+
+    monkeypatch.chdir(tmp_path)  # outside the repository: search_spaces/ is not here
+    for given in ("pareto", "pareto.yaml", "search_spaces/pareto.yaml"):
+        assert build_parser().parse_args(["--space", given]).space == SPACES_DIR / "pareto.yaml", given
+    (tmp_path / "pareto.yaml").write_text("name: mine\n")  # a file of the user's own wins
+    assert build_parser().parse_args(["--space", "pareto.yaml"]).space.resolve() == tmp_path / "pareto.yaml"
+    assert build_parser().parse_args(["--space", "/elsewhere/pareto.yaml"]).space.parent.name == "elsewhere"

@@ -169,7 +169,9 @@ def sweep_context(cfg: StudyConfig, fixed: dict, prepared: Prepared, opts: RunOp
                         parent_run_id=state["parent_run_id"],
                         train_storage=f"{sweep_path(state['storage'], state['sweep'])}/train",
                         workers_per_trial=cfg.resources.workers_per_trial,
-                        gpus_per_worker=cfg.resources.gpus_per_worker, max_failures=cfg.resources.max_failures)
+                        gpus_per_worker=cfg.resources.gpus_per_worker, max_failures=cfg.resources.max_failures,
+                        training_input=tracking.training_input(tracking.client(state["tracking_uri"]),
+                                                               state["parent_run_id"]))
 
 
 def in_tune(cfg: StudyConfig) -> bool:

@@ -119,6 +119,28 @@ def dataset_inputs(data, context_of: dict[str, str]) -> list:
     return out
 
 
+def training_input(c, parent_run_id: str) -> dict | None:
+    """The fine-tuning set's dataset input of a sweep's parent run (``name``, ``digest``, ``source_type``,
+    ``source``), to stamp each trial's subset with (:func:`subset_input`); None if the parent has none."""
+    for d in c.get_run(parent_run_id).inputs.dataset_inputs:
+        if any(t.key == "mlflow.data.context" and t.value == "training" for t in d.tags):
+            return {k: getattr(d.dataset, k) for k in ("name", "digest", "source_type", "source")}
+    return None
+
+
+def subset_input(training: dict, fraction: float):
+    """A trial's fine-tuning data as an MLflow dataset input: the sweep's ``training`` set (its
+    :func:`training_input`) at ``data_fraction`` ``fraction``, a nested subset drawn with ``data.seed``, so
+    its digest follows from the set's and the fraction."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from ..library.cache import fingerprint
+
+    name = training["name"] if fraction == 1 else f"{training['name']} f={fraction:.3g}"
+    return DatasetInput(Dataset(name, fingerprint(training["digest"], fraction), training["source_type"],
+                                training["source"]), tags=[InputTag("mlflow.data.context", "training")])
+
+
 def log_dict_artifact(c, run_id: str, data, filename: str, text: str | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / filename
@@ -176,9 +198,9 @@ def find_trial_run(c, experiment_id: str, parent_run_id: str, trial_id: str):
 
 def ensure_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
                      params: dict, config_text: str, extra_tags: dict | None = None,
-                     run_name: str | None = None) -> str:
+                     run_name: str | None = None, inputs: list | None = None) -> str:
     """The child run of ``trial_id``: found by tag if it exists (resume), created otherwise, named ``run_name``
-    (default: the trial id).
+    (default: the trial id), with dataset ``inputs`` (its fine-tuning subset).
 
     ``extra_tags`` may mark it, e.g. a seed replicate's ``{KIND_TAG: REPLICATE, REPLICATE_OF_TAG: <trial id>}``.
     """
@@ -191,6 +213,8 @@ def ensure_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, 
         run = c.create_run(experiment_id, tags=tags, run_name=name)
         log_params(c, run.info.run_id, flat_params(params))
         log_dict_artifact(c, run.info.run_id, None, "trial_config.json", config_text)
+        if inputs:
+            c.log_inputs(run.info.run_id, inputs)
     else:
         c.update_run(run.info.run_id, status=MLFLOW_STATUS[RUNNING])
         c.set_tag(run.info.run_id, STATUS_TAG, RUNNING)

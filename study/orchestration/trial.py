@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..settings import TrialSettings
 from ..vocabulary import FAILED, FINISHED, KIND_TAG, REPLICATE, REPLICATE_OF_TAG
-from .tracking import client, end_trial_run, ensure_trial_run, retrying
+from .tracking import client, end_trial_run, ensure_trial_run, retrying, subset_input
 from .worker import WorkerJob, run_worker, train_fn_per_worker
 
 # Ray Train V2's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s), and only a poll
@@ -47,6 +47,7 @@ class SweepContext(BaseModel):
     gpus_per_worker: float
     max_failures: int = 2
     trial_offset: int = 0  # trials of the sweep's earlier parts (a resumed sweep's extension numbers on)
+    training_input: Optional[dict] = None  # the fine-tuning set as the parent run's dataset input records it
 
 
 def trial_settings(config: dict, fixed: dict) -> tuple[TrialSettings, Optional[str]]:
@@ -76,9 +77,11 @@ def trial_driver(config: dict, context: SweepContext) -> None:
     uri = context.job.tracking_uri
     tags = {KIND_TAG: REPLICATE, REPLICATE_OF_TAG: replicate_of} if replicate_of else None
     name = run_name(config, replicate_of, trial_number(ray.tune.get_context(), context.trial_offset))
+    inputs = [subset_input(context.training_input, settings.data_fraction)] if context.training_input else None
     run_id = retrying(lambda: ensure_trial_run(uri, context.experiment_id, context.parent_run_id, trial_id,
                                                settings.model_dump(), json.dumps(settings.model_dump(), indent=2),
-                                               tags, run_name=name), what="opening the trial's MLflow run")
+                                               tags, run_name=name, inputs=inputs),
+                      what="opening the trial's MLflow run")
     job = context.job.model_copy(update={"settings": settings, "run_id": run_id})
     try:
         if job.runner == "tune":
