@@ -18,9 +18,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from ..vocabulary import (FAILURE_TAG, FINAL_METRICS, FINISHED, GIT_COMMIT_TAG, KIND_TAG, MLFLOW_STATUS, ORPHANED,
-                          PARENT_TAG, RUN_NAME_TAG, RUNNING, STATUS_TAG, TRIAL, TRIAL_TAG, EARLY_STOPPED, FAILED,
-                          top_level)
+from ..vocabulary import (FAILURE_TAG, FINAL_METRICS, FINAL_PREFIX, FINISHED, GIT_COMMIT_TAG, KIND_TAG, MLFLOW_STATUS,
+                          ORPHANED, PARENT_TAG, RUN_NAME_TAG, RUNNING, STATUS_TAG, TRIAL, TRIAL_TAG, EARLY_STOPPED,
+                          FAILED, top_level)
 
 PACKAGES = ("torch", "torchvision", "open_clip_torch", "peft", "ray", "optuna", "mlflow", "datasets", "numpy",
             "pydantic")
@@ -248,7 +248,8 @@ def close_stopped_runs(c, experiment_id: str, parent_run_id: str, stopped_trials
             if FAILURE_TAG in r.data.tags:
                 c.delete_tag(r.info.run_id, FAILURE_TAG)
             # A trial whose final records are all in (logged before its last report) did finish.
-            complete = has_final_metrics(c, r.info.run_id)
+            complete = (has_final_metrics(c, r.info.run_id)  # or, for a sweep started by an older version:
+                        or any(k.startswith(FINAL_PREFIX) for k in r.data.metrics))
             status = FINISHED if complete else EARLY_STOPPED
             c.set_tag(r.info.run_id, STATUS_TAG, status)
             c.set_terminated(r.info.run_id, status=MLFLOW_STATUS[status])
