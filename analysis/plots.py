@@ -161,6 +161,7 @@ def wiseft_curves(rec: StudyRecords, trial_ids: list[str], out: Path) -> Path | 
                        edgecolor="black", zorder=5)
     ax.set_xlabel("specialized zero-shot top-1 (%, validation part)")
     ax.set_ylabel("general zero-shot top-1 (%, validation part)")
-    ax.set_title("WiSE-FT interpolation of Pareto-optimal trials (labels: α; star: α chosen on validation)")
+    ax.set_title("WiSE-FT interpolation of Pareto-optimal trials\n(labels: α; star: α chosen on validation)",
+                 fontsize=10)
     ax.legend(fontsize=8)
     return _save(fig, out / "wiseft_curves.png")

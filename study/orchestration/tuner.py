@@ -259,6 +259,8 @@ def run_sweep(build_tuner, address: str | None):
     # The dashboard (on 127.0.0.1) serves the state API that Ray Train's placement-group cleaner needs to
     # free the workers of a trial that was stopped early or lost its driver; init_ray points every worker's
     # state-API client at this study's Ray.
+    where = f"joining Ray at {address}" if address and address != "local" else "starting a local Ray"
+    print(f"[study] {where} and Tune; the trial table follows once trials start (seconds)", flush=True)
     init_ray(address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
     # Tune's newer console output prints a configuration box and a TensorBoard hint even when silent; its
     # legacy output at verbose=0 prints nothing. The study prints its own lines (progress_callback).
