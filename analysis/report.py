@@ -207,7 +207,8 @@ def write_report(rec: StudyRecords, out: Path) -> tuple[Path, list[str]]:
           f"metric: {metric_words(rec.headline)}.", ""]
     md += [f"- {s}" for s in lines]
     md += ["", "## Figures", ""]
-    md += [f"![{p.stem}]({p.name})" for p in figures if p is not None]
+    md += [f"![{p.stem}]({p.name})\n\n*Figure {i}. {CAPTIONS.get(p.stem, p.stem)}*\n"
+           for i, p in enumerate([p for p in figures if p is not None], 1)]
     if rec.wiseft == {}:
         md += ["", "_No WiSE-FT α curves were logged for this study._"]
     md += ["", "## Trials", "", _markdown_table(rec.trials), ""]
@@ -217,6 +218,17 @@ def write_report(rec: StudyRecords, out: Path) -> tuple[Path, list[str]]:
     path.write_text("\n".join(md))
     (out / "report.html").write_text(html_report(rec, lines, [p for p in figures if p is not None]))
     return path, lines
+
+
+# What each figure shows, in the words of its caption (report.md and report.html)
+CAPTIONS = {
+    "tradeoff_map": "Trade-off map: each trial's specialized gain against its general change (test part, headline "
+                    "metric, paired 95% intervals), the Pareto front marked, the baseline at the origin.",
+    "accuracy_vs_intensity": "Each benchmark's accuracy against fine-tuning intensity ‖ΔW‖ (test part).",
+    "marginals": "Marginal effect of each searched knob on the specialized gain and the general change.",
+    "importances": "fANOVA hyperparameter importances for the specialized gain and the general change.",
+    "wiseft_curves": "WiSE-FT: the Pareto-optimal trials' trained change scaled by α, on validation.",
+}
 
 
 def html_report(rec: StudyRecords, lines: list[str], figures: list[Path]) -> str:
@@ -233,8 +245,8 @@ def html_report(rec: StudyRecords, lines: list[str], figures: list[Path]) -> str
                 + df[cols].to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, na_rep="") + "</div>")
 
     imgs = [f'<figure><img alt="{html.escape(p.stem)}" style="max-width:100%" src="data:image/png;base64,'
-            f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(p.stem)}</figcaption></figure>'
-            for p in figures]
+            f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>Figure {i}. '
+            f'{html.escape(CAPTIONS.get(p.stem, p.stem))}</figcaption></figure>' for i, p in enumerate(figures, 1)]
     parts = [f"<h1>Finding: {html.escape(rec.experiment)}</h1>",
              f"<p>Sweep (MLflow parent run) <code>{rec.parent_run_id}</code>. Trials are chosen on the validation part "
              f"of each benchmark; every number reported is on the held-out test part. Headline metric: "
@@ -244,7 +256,9 @@ def html_report(rec: StudyRecords, lines: list[str], figures: list[Path]) -> str
     if len(rec.excluded):
         parts += ["<h2>Left out of the fits</h2>", table(rec.excluded)]
     style = ("body{font-family:sans-serif;margin:1.5em;max-width:1200px}table{border-collapse:collapse;"
-             "font-size:0.85em}td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}")
+             "font-size:0.85em}td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}"
+             "figure{margin:0 0 2.5em 0;padding-bottom:1em;border-bottom:1px solid #eee}"
+             "figcaption{font-style:italic;color:#555;margin-top:0.3em}")
     return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(rec.experiment)}</title>'
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
 

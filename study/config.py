@@ -424,7 +424,9 @@ def read_space(path: Path) -> dict:
         raise ConfigError(f"{file}: is a directory, not a search space file (give a .yaml file, e.g. "
                           f"{DEFAULT_SPACE})")
     if not path.is_file():
-        raise ConfigError(f"{file}: search space file not found")
+        shipped = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
+        raise ConfigError(f"{file}: search space file not found (--space takes a path, or a shipped space's "
+                          f"name: {shipped})")
     try:
         raw = read_yaml(path)
     except (YamlFileError, UnicodeDecodeError) as exc:

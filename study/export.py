@@ -128,6 +128,7 @@ def export_run(c, run, alpha: float, out: Path) -> tuple[Path, dict]:
         shutil.copy(CONFIG_DIR / f"{name}.json", out / f"{name}.json")
     notes = {"run_id": run.info.run_id, "trial_id": run.data.tags.get(TRIAL_TAG), "model": name,
              "base_pretrained": pretrained, "alpha": alpha, "settings": settings.model_dump(),
+             # the trial as trained (alpha 1); at its chosen alpha, its val/ and test/ wiseft_best_* ones
              "logged_final_metrics": {k: v for k, v in run_metrics(c, run).items() if "/wiseft/" not in k}}
     (out / f"{stem}.json").write_text(json.dumps(notes, indent=2))
     return path, notes
@@ -135,7 +136,8 @@ def export_run(c, run, alpha: float, out: Path) -> tuple[Path, dict]:
 
 def log_model(uri: str, run, path: Path, model_name: str, register: str | None) -> str:
     """Log the exported model to the trial's run as an ``mlflow.pytorch`` model (the run's status and end time
-    kept) and optionally register it; returns the model URI."""
+    kept) and optionally register it; returns the URI to load it by (``models:/NAME/<version>`` when
+    registered)."""
     import mlflow
     import open_clip
     import torch
@@ -154,7 +156,7 @@ def log_model(uri: str, run, path: Path, model_name: str, register: str | None) 
                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                                                           f"open_clip_torch=={open_clip.__version__}"])
     c.set_terminated(run.info.run_id, status=status, end_time=end)
-    return info.model_uri
+    return f"models:/{register}/{info.registered_model_version}" if register else info.model_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,11 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {path} (trial {notes['trial_id']}, run {notes['run_id']}, WiSE-FT alpha {alpha:g})")
+    if alpha == 0:
+        print("  note: at alpha 0 the trained change is scaled away: this is the base model itself")
     config_hint = (f"open_clip.add_model_config({str(out)!r}); " if (out / f"{notes['model']}.json").exists() else "")
     print(f"  load: {config_hint}open_clip.create_model_and_transforms({notes['model']!r}, pretrained={str(path)!r})")
     if args.log_model or args.register:
         uri = log_model(args.tracking_uri, run, path, notes["model"], args.register)
-        print(f"  MLflow model: {uri}" + (f", registered as {args.register!r}" if args.register else ""))
+        print(f"  MLflow model: {uri}" + (f" (registered as {args.register!r}; load it with "
+                                           f"mlflow.pytorch.load_model({uri!r}))" if args.register else ""))
     return 0
 
 

@@ -55,6 +55,10 @@ def test_smoke_study_records_parent_baseline_and_one_child_per_trial(tmp_path, s
     assert names["replicate"].startswith("rep seed=1 of ")
     trial_names = sorted(r.info.run_name for r in runs if r.data.tags["study.kind"] == "trial")
     assert [n[:4] for n in trial_names] == ["t01 ", "t02 "] and all("lr=" in n for n in trial_names), trial_names
+    for r in runs:  # the console names each trial as its MLflow run: "t01 <Tune's trial id>"
+        if r.data.tags["study.kind"] == "trial":
+            assert f"{r.info.run_name[:3]} {r.data.tags['study.trial_id']}" in out, r.info.run_name
+    assert re.search(r"best trial t0[12] \w{8} \(chosen on validation\)", out)
     inputs = {(d.dataset.name, d.dataset.source_type, d.tags[0].value) for d in
               c.get_run(parent.info.run_id).inputs.dataset_inputs}
     assert ("finetune (train)", "code", "training") in inputs and len(inputs) >= 3, inputs  # + the benchmarks

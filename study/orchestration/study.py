@@ -269,7 +269,7 @@ def sweep_parts(cfg: StudyConfig, params: dict, context: SweepContext, state: di
         part_ctx = context.model_copy(update={"trial_offset": len(rows)})  # run names number on across parts
         results, interrupted = run_sweep(lambda: make_tuner(cfg, params, part_ctx, state["storage"], name, restore,
                                                             planned.get(name), rows), opts.address)
-        part = collect(results, fixed, interrupted)
+        part = collect(results, fixed, interrupted, part_ctx.trial_offset)
         # interrupted: a trial cut off, or fewer trials than the part planned (a sweep saved before parts had
         # a plan counts as complete when nothing in it is unfinished)
         complete &= not any(r.status == UNFINISHED for r in part) and len(part) >= planned.get(name, len(part))
@@ -285,7 +285,7 @@ def sweep_parts(cfg: StudyConfig, params: dict, context: SweepContext, state: di
     more = context.model_copy(update={"trial_offset": len(rows)})
     results, interrupted = run_sweep(lambda: make_tuner(cfg, params, more, state["storage"], name, False,
                                                         missing, rows), opts.address)
-    return rows + collect(results, fixed, interrupted)
+    return rows + collect(results, fixed, interrupted, more.trial_offset)
 
 
 def close_sweep(state: dict, code: int, reason: str) -> None:

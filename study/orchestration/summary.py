@@ -29,6 +29,17 @@ class TrialOutcome:
     error: str = ""
     replicate_of: Optional[str] = None  # for a seed replicate: the sweep trial it reruns
     config: dict = field(default_factory=dict)  # the knob values Tune sampled for it (searched knobs only)
+    number: Optional[int] = None  # its number in the sweep, as its MLflow run's name starts (t03)
+
+    @property
+    def label(self) -> str:
+        return trial_label(self.number, self.trial_id, self.replicate_of is not None)
+
+
+def trial_label(number: Optional[int], trial_id: str, replicate: bool = False) -> str:
+    """How the console names a trial, after its MLflow run: ``t03 5d43d97f`` (``rep 5d43d97f`` for a seed
+    replicate; the bare id when Tune gave no count)."""
+    return f"rep {trial_id}" if replicate else f"t{number:02d} {trial_id}" if number is not None else trial_id
 
 
 def records(rows: list[TrialOutcome]) -> list[tuple[str, dict]]:
@@ -61,7 +72,7 @@ def format_summary(rows: list[TrialOutcome], baseline: dict, cfg: StudyConfig, t
     lines = ["", "=" * 72, "Study summary", "=" * 72,
              f"trials: {len(done)} finished, {len(failed)} failed, {len(rows) - len(done) - len(failed)} unfinished",
              f"chosen on validation ({first.metric}, {first.mode}); every number below is on the test part"]
-    lines += [f"  failed {r.trial_id}: {r.error}" for r in failed]
+    lines += [f"  failed {r.label}: {r.error}" for r in failed]
     lines += [f"failure reasons: {failure_counts(failed)}"] if failed else []
     lines += [f"NOTE: {transfer}"] if transfer else []
     lines += baseline_lines(baseline)
@@ -76,7 +87,7 @@ def format_summary(rows: list[TrialOutcome], baseline: dict, cfg: StudyConfig, t
         lines += best_lines(best, baseline, cfg.evaluation.headline, (adjusted or {}).get(best.trial_id),
                             len(adjusted or {}))
         if cfg.multi_objective:
-            lines += front_lines(rows, baseline)
+            lines += front_lines(rows, baseline, cfg)
     local = tracking_uri.startswith("sqlite:")
     page = runs_page("http://127.0.0.1:5000" if local else tracking_uri, experiment_id)
     ui = f"mlflow ui --backend-store-uri {tracking_uri}, then open {page}" if local else f"open {page}"
@@ -130,7 +141,7 @@ def best_lines(best: TrialOutcome, baseline: dict, head: str, p_adjusted: float 
     """The chosen trial's test numbers: headline with its paired interval and verdict, top-1 beside it,
     the collapse flag, the corrected p-value, knobs and the WiSE-FT choice."""
     m = best.metrics
-    lines = [f"best trial {best.trial_id} (chosen on validation):"]
+    lines = [f"best trial {best.label} (chosen on validation):"]
     for role in ("specialized", "general"):
         lines.append("  " + change_line(m, baseline, role, head))
     collapsed = [r for r in ("specialized", "general") if m.get(key(TEST, f"{r}_collapsed"), 0) >= 1]
@@ -166,15 +177,24 @@ def change_line(m: dict, baseline: dict, role: str, head: str) -> str:
             f" points)")
 
 
-def front_lines(rows: list[TrialOutcome], baseline: dict) -> list[str]:
-    """The Pareto front of specialized vs general top-1 on validation, best specialized first; test changes."""
+def front_lines(rows: list[TrialOutcome], baseline: dict, cfg: StudyConfig) -> list[str]:
+    """The Pareto front of the search's first two objectives on validation (what Optuna's multi-objective
+    sampler searched), best first objective first; then each metric on test, and its change against the
+    baseline where the baseline has it."""
+    objectives = cfg.search.objective[:2]
+    sign = {o.metric: 1.0 if o.mode == "max" else -1.0 for o in objectives}  # pareto_front maximises both
+    recs = [(t, {k: sign[k] * m[key(VAL, k)] for k in sign if key(VAL, k) in m}) for t, m in records(rows)]
+    x, y = (o.metric for o in objectives)
     by_id = {r.trial_id: r for r in rows}
-    front = pareto_front(records(rows), key(VAL, SPECIALIZED_TOP1), key(VAL, GENERAL_TOP1))
-    front = sorted((by_id[t] for t in front), key=lambda r: -r.metrics[key(VAL, SPECIALIZED_TOP1)])
-    lines = [f"Pareto front (validation top-1, specialized vs general): {len(front)} trials; test changes:"]
+    front = sorted((by_id[t] for t in pareto_front(recs, x, y)), key=lambda r: -sign[x] * r.metrics[key(VAL, x)])
+    lines = [f"Pareto front (validation, {x} {objectives[0].mode} vs {y} {objectives[1].mode}: the search's "
+             f"objectives): {len(front)} trials; on test:"]
     for r in front:
-        d = {b: (r.metrics[key(TEST, b)] - baseline[key(TEST, b)]) * 100 for b in (SPECIALIZED_TOP1, GENERAL_TOP1)}
-        lines.append(f"  {r.trial_id}: specialized {d[SPECIALIZED_TOP1]:+.1f} pts, general {d[GENERAL_TOP1]:+.1f} pts")
+        parts = []
+        for metric in (x, y):
+            value, base = r.metrics.get(key(TEST, metric), float("nan")), baseline.get(key(TEST, metric))
+            parts.append(f"{metric} {value:.3g}" + (f" ({(value - base) * 100:+.1f} pts)" if base is not None else ""))
+        lines.append(f"  {r.label}: " + ", ".join(parts))
     return lines
 
 

@@ -105,8 +105,15 @@ KNOB_ABBREVIATIONS = {"learning_rate": "lr", "lora_rank": "r", "data_fraction": 
 def trial_number(ctx, offset: int = 0) -> Optional[int]:
     """The trial's 1-based number in the sweep: Tune's count in its trial folder's name
     (``trial_driver_<id>_<n>_<config>_<date>``) plus the earlier parts' trials; None if the name has none."""
-    m = re.match(rf".*_{re.escape(ctx.get_trial_id())}_(\d+)(?:_|$)", os.path.basename(ctx.get_trial_dir() or ""))
+    return number_in(os.path.basename(ctx.get_trial_dir() or ""), ctx.get_trial_id(), offset)
+
+
+def number_in(folder: str, trial_id: str, offset: int = 0) -> Optional[int]:
+    """Tune's count of trial ``trial_id`` from its folder's name (or its ``experiment_tag``, ``<n>_<config>``),
+    plus ``offset``; None if the name holds none."""
+    m = re.match(rf"(?:.*_{re.escape(trial_id)}_)?(\d+)(?:_|$)", folder)
     return int(m.group(1)) + offset if m else None
+
 
 
 def run_name(config: dict, replicate_of: Optional[str], number: Optional[int]) -> str:

@@ -16,8 +16,9 @@ from pydantic import BaseModel, ValidationError
 from ..config import Categorical, IntRange, LogUniform, QUniform, StudyConfig, Uniform
 from ..settings import TrialSettings
 from ..vocabulary import DONE, ERROR, GENERAL_TOP1, SPECIALIZED_TOP1, TEST, TRAIN_METRICS, UNFINISHED, VAL, key
-from .summary import TrialOutcome
-from .trial import REPLICATE_GRID, SweepContext, driver_trainable, failure_reason, trial_settings, tune_failures
+from .summary import TrialOutcome, trial_label
+from .trial import (REPLICATE_GRID, REPLICATE_OF, SweepContext, driver_trainable, failure_reason, number_in,
+                    trial_settings, tune_failures)
 
 
 def split_space(params: dict) -> tuple[dict[str, Any], dict[str, BaseModel]]:
@@ -45,9 +46,10 @@ def tune_space(searched: dict[str, BaseModel]) -> dict:
     return out
 
 
-def progress_callback():
+def progress_callback(offset: int = 0):
     """One line per epoch and per finished trial, and a compact table of every trial (status, epoch, validation
-    top-1, loss) when a trial ends and at most once a minute, instead of Tune's tables of every metric."""
+    top-1, loss) when a trial ends and at most once a minute, instead of Tune's tables of every metric. Trials
+    are named as their MLflow runs (``t03 <id>``; ``offset``: the sweep's earlier parts' trials)."""
     from ray import tune
 
     class Progress(tune.Callback):
@@ -57,7 +59,7 @@ def progress_callback():
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if key(VAL, SPECIALIZED_TOP1) not in result:
                 return
-            line = (f"[trial {trial.trial_id}] epoch {result.get('epoch')}: validation top-1 specialized "
+            line = (f"[trial {label(trial, offset)}] epoch {result.get('epoch')}: validation top-1 specialized "
                     f"{result[key(VAL, SPECIALIZED_TOP1)]:.1%}, general "
                     f"{result.get(key(VAL, GENERAL_TOP1), float('nan')):.1%}, loss "
                     f"{result.get('train_loss', float('nan')):.3f}")
@@ -67,11 +69,11 @@ def progress_callback():
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.finished += 1
-            print(f"[trial {trial.trial_id}] finished ({self.finished} this session)", flush=True)
+            print(f"[trial {label(trial, offset)}] finished ({self.finished} this session)", flush=True)
             self.table(trials, {trial.trial_id: "TERMINATED"})  # Tune sets its status after this call
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            print(f"[trial {trial.trial_id}] failed; see its MLflow run's study.failure_reason tag", flush=True)
+            print(f"[trial {label(trial, offset)}] failed; see its MLflow run's study.failure_reason tag", flush=True)
             self.table(trials, {trial.trial_id: "ERROR"})
 
         def on_step_end(self, iteration, trials, **info):
@@ -80,12 +82,20 @@ def progress_callback():
 
         def table(self, trials, ended: dict | None = None) -> None:
             self.shown = time.time()
-            print(trial_table(trials, ended), flush=True)
+            print(trial_table(trials, ended, offset), flush=True)
 
     return Progress()
 
 
-def trial_table(trials, ended: dict | None = None) -> str:
+def label(trial, offset: int = 0) -> str:
+    """A Tune ``Trial`` named as its MLflow run is (``t03 <id>``, ``rep <id>``): Tune's count leads its
+    ``experiment_tag``."""
+    config = trial.config or {}
+    replicate = REPLICATE_OF in config.get(REPLICATE_GRID, config)
+    return trial_label(number_in(trial.experiment_tag or "", trial.trial_id, offset), trial.trial_id, replicate)
+
+
+def trial_table(trials, ended: dict | None = None, offset: int = 0) -> str:
     """Tune's trials as a compact table: id, status (``ended`` overrides it by trial id), last epoch, validation
     top-1 (specialized, general) and training loss of the last result."""
     from collections import Counter
@@ -93,11 +103,11 @@ def trial_table(trials, ended: dict | None = None) -> str:
     status = {t.trial_id: (ended or {}).get(t.trial_id, t.status) for t in trials}
     counts = Counter(status.values())
     lines = ["[study] trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())),
-             f"  {'trial':<10}{'status':<12}{'epoch':>6}{'val spec.':>11}{'val gen.':>10}{'loss':>8}"]
+             f"  {'trial':<14}{'status':<12}{'epoch':>6}{'val spec.':>11}{'val gen.':>10}{'loss':>8}"]
     for t in trials:
         r = t.last_result or {}
         spec, gen = r.get(key(VAL, SPECIALIZED_TOP1)), r.get(key(VAL, GENERAL_TOP1))
-        lines.append(f"  {t.trial_id:<10}{status[t.trial_id]:<12}{r.get('epoch', '-')!s:>6}"
+        lines.append(f"  {label(t, offset):<14}{status[t.trial_id]:<12}{r.get('epoch', '-')!s:>6}"
                      f"{'-' if spec is None else f'{spec:.1%}':>11}{'-' if gen is None else f'{gen:.1%}':>10}"
                      f"{'-' if 'train_loss' not in r else format(r['train_loss'], '.3f'):>8}")
     return "\n".join(lines)
@@ -175,7 +185,8 @@ def run_config(name: str, storage: str, context: SweepContext):
     trial (:func:`trial.tune_failures`: none when its Train run already retried lost workers)."""
     from ray import tune
 
-    return tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=[progress_callback()],
+    return tune.RunConfig(name=name, storage_path=storage, verbose=0,
+                          callbacks=[progress_callback(context.trial_offset)],
                           failure_config=tune.FailureConfig(max_failures=tune_failures(context)))
 
 
@@ -288,7 +299,7 @@ def term_as_interrupt(signum, frame) -> None:
     os.kill(os.getpid(), signal.SIGINT)
 
 
-def collect(results, fixed: dict, interrupted: bool = False) -> list[TrialOutcome]:
+def collect(results, fixed: dict, interrupted: bool = False, offset: int = 0) -> list[TrialOutcome]:
     """Tune's results as typed :class:`TrialOutcome` rows; the trial id is Tune's own (``Result.metrics``
     always carries it, reported or not). After an interruption (see :func:`run_sweep`) a trial without its last
     epoch's test numbers is UNFINISHED, which ``--resume`` continues."""
@@ -301,8 +312,10 @@ def collect(results, fixed: dict, interrupted: bool = False) -> list[TrialOutcom
             settings, replicate_of = trial_settings(dict(r.config or {}), fixed)
         except ValidationError:
             settings, replicate_of = None, None
+        number = number_in(os.path.basename(str(r.path or "")), metrics["trial_id"], offset)
         rows.append(TrialOutcome(metrics["trial_id"], status, settings, metrics,
-                                 failure_reason(r.error) if r.error else "", replicate_of, dict(r.config or {})))
+                                 failure_reason(r.error) if r.error else "", replicate_of, dict(r.config or {}),
+                                 number))
     if interrupted or sum(r.status == DONE for r in rows) > results.num_terminated:
         # An interruption: Tune finished fewer trials than reported epochs. The ones without their last
         # epoch's test numbers were cut off, not stopped by the scheduler; --resume continues them.
