@@ -14,8 +14,9 @@ import pandas as pd
 
 from study.selection import best_trial, holm, pareto_front
 from study.vocabulary import (BASELINE, COLLAPSED_TAG, FAILURE_TAG, FINAL_METRICS, FINAL_PREFIX, FINISHED,
-                              GENERAL_TOP1, KIND_TAG, KNOBS, NUMERIC_KNOBS, OBJECTIVE_METRICS, PARENT_TAG, SPECIALIZED_TOP1, STATUS_TAG, SWEEP,
-                              TEST, TRAIN_METRICS, TRANSFER_NOTE_TAG, TRIAL, TRIAL_TAG, VAL, headline, key, wiseft_curve)
+                              GENERAL_TOP1, KIND_TAG, KNOBS, NUMERIC_KNOBS, OBJECTIVE_METRICS, PARENT_TAG,
+                              SPECIALIZED_TOP1, STATUS_TAG, SWEEP, TEST, TRAIN_METRICS, TRANSFER_NOTE_TAG, TRIAL,
+                              TRIAL_TAG, VAL, headline, key, wiseft_curve)
 
 # Test-part metrics, in columns without the "test/" prefix (the report speaks of test numbers only).
 METRICS = [SPECIALIZED_TOP1, "specialized_balanced_accuracy", GENERAL_TOP1, "general_balanced_accuracy",
