@@ -120,6 +120,8 @@ def wiseft_curve(metrics: dict, split: str = VAL, name: str = SPECIALIZED_TOP1,
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
+#: with these two, MLflow's UI shows "Source: python -m study.run" and the commit on every run's page
+SOURCE_TAGS = {"mlflow.source.name": "python -m study.run", "mlflow.source.type": "LOCAL"}
 KIND_TAG = "study.kind"
 TRIAL_TAG = "study.trial_id"
 STATUS_TAG = "study.status"

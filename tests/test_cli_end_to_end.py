@@ -49,6 +49,8 @@ def test_smoke_study_records_parent_baseline_and_one_child_per_trial(tmp_path, s
     # Readable in the MLflow UI: the experiment opens on its training runs, run names tell runs apart, and the
     # parent's row carries the sweep's headline.
     assert c.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    for r in runs:  # the run page's "Source: python -m study.run <commit>"
+        assert r.data.tags["mlflow.source.name"] == "python -m study.run" and "mlflow.source.git.commit" in r.data.tags
     assert re.fullmatch(r"sweep \d\d:\d\d:\d\d \d{4}-\d\d-\d\d", parent.info.run_name), parent.info.run_name
     names = {r.data.tags["study.kind"]: r.info.run_name for r in runs if r.data.tags["study.kind"] != "trial"}
     assert names["baseline"] == f"baseline · {parent.info.run_name}"
