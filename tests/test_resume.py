@@ -181,6 +181,7 @@ def test_killed_during_last_checkpoint_resumes_to_completion(tmp_path, smoke_cac
     proc = run_cli([*args, "--resume"], tmp_path, smoke_cache)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resuming sweep" in proc.stdout and "trials: 2 finished, 0 failed, 0 unfinished" in proc.stdout
+    assert "Requesting resources" not in proc.stdout + proc.stderr  # Train controller's INFO lines stay out
 
     c, runs = mlflow_runs(tmp_path)
     parent = next(r for r in runs if r.data.tags["study.kind"] == "sweep")

@@ -152,6 +152,9 @@ def fit_train_run(job: WorkerJob, context: SweepContext, trial_id: str) -> None:
             # Lost workers or nodes: restart the worker group and resume from the last checkpoint. A
             # non-finite loss fails the same way on every retry, so it costs only those few restarts.
             failure_config=ray.train.FailureConfig(max_failures=context.max_failures),
+            # The controller's INFO lines ("Requesting resources…", "Started training worker group…") would reach
+            # the study's console; its warnings and errors still do, and Train's log files keep everything.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
     trainer.fit()
