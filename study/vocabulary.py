@@ -59,10 +59,7 @@ def top_level(metrics: dict) -> dict:
     McNemar p on the test part, and the WiSE-FT alpha with the test metrics at it. The others (intervals,
     chance levels, per-class recall, the WiSE-FT curve, every further benchmark) go to the run's
     ``metrics/`` artifacts (:data:`FINAL_METRICS` and its tables)."""
-    wanted = {*EPOCH_LEVEL, WISEFT_BEST_ALPHA, *(key(s, m) for s in (VAL, TEST) for m in HEADLINE + CHANGES),
-              *(key(TEST, WISEFT_BEST + m) for m in HEADLINE), key(TEST, "specialized_mcnemar_p"),
-              *(key(TEST, f"{m}_gain_ci_{side}") for m in HEADLINE[:2] for side in ("low", "high"))}
-    return {k: v for k, v in metrics.items() if k in wanted}
+    return {k: v for k, v in metrics.items() if k in TOP_LEVEL}
 
 
 def key(split: str, metric: str) -> str:
@@ -94,6 +91,12 @@ def changes(values: dict, baseline: dict) -> dict:
         if split in (VAL, TEST) and metric in HEADLINE and k in baseline:
             out[key(split, change_name(metric))] = v - baseline[k]
     return out
+
+
+#: the names :func:`top_level` keeps
+TOP_LEVEL = frozenset({*EPOCH_LEVEL, WISEFT_BEST_ALPHA, *(key(s, m) for s in (VAL, TEST) for m in HEADLINE + CHANGES),
+                       *(key(TEST, WISEFT_BEST + m) for m in HEADLINE), key(TEST, "specialized_mcnemar_p"),
+                       *(key(TEST, f"{m}_gain_ci_{side}") for m in HEADLINE[:2] for side in ("low", "high"))})
 
 
 def wiseft_key(alpha: float, metric: str) -> str:

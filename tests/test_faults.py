@@ -19,16 +19,11 @@ from pathlib import Path
 import pytest
 
 from analysis.records import run_metrics
+from study.orchestration.ray_address import free_port
 
 pytestmark = pytest.mark.cluster
 EPOCHS = 8
 EXPERIMENT = "clip-alignment-study"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:

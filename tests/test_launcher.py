@@ -25,16 +25,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from study.orchestration.ray_address import free_port
+
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 TOOLS = ("sshd", "ssh-keygen", "rsync", "nc")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def which(tool: str) -> str:
