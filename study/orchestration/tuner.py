@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -152,8 +153,37 @@ def make_sampler(cfg: StudyConfig, seed: int):
     s = optuna.samplers
     if name == "tpe":
         return s.TPESampler(seed=seed, n_startup_trials=min(4, cfg.search.trials))
-    return {"random": s.RandomSampler, "qmc": s.QMCSampler, "gp": s.GPSampler, "cmaes": s.CmaEsSampler,
-            "nsgaii": s.NSGAIISampler, "nsgaiii": s.NSGAIIISampler}[name](seed=seed)
+    return picklable({"random": s.RandomSampler, "qmc": s.QMCSampler, "gp": s.GPSampler, "cmaes": s.CmaEsSampler,
+                      "nsgaii": s.NSGAIISampler, "nsgaiii": s.NSGAIIISampler}[name](seed=seed))
+
+
+# Upstream workaround, optuna 5.1.0: BaseGASampler (NSGAIISampler, NSGAIIISampler) now holds a threading.Lock in
+# `_thread_lock` (optuna/samplers/_ga/_base.py) and no longer pickles, while Ray Tune pickles its searcher, sampler
+# included, every time it saves the experiment (OptunaSearch.save), which `--resume` restores. optuna 5.0 had no
+# lock. Delete `picklable` and `_FreshLock` once `pickle.dumps(optuna.samplers.NSGAIISampler())` works again;
+# tests/test_search.py keeps every sampler's pickle round trip tested, under the lock and the newest optuna.
+class _FreshLock:
+    """A ``threading.Lock`` that pickles as a new, released lock (as optuna's own JournalStorage does)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def __enter__(self):
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self._lock.__exit__(*exc)
+
+    def __reduce__(self):
+        return _FreshLock, ()
+
+
+def picklable(sampler):
+    """``sampler`` with optuna 5.1's unpicklable GA-sampler lock swapped for :class:`_FreshLock`; any other
+    sampler (and every sampler under optuna 5.0) is returned as it is."""
+    if isinstance(getattr(sampler, "_thread_lock", None), type(threading.Lock())):
+        sampler._thread_lock = _FreshLock()
+    return sampler
 
 
 def make_tuner(cfg: StudyConfig, params: dict, context: SweepContext, storage: str, name: str, resume: bool,
