@@ -16,7 +16,7 @@ from study.selection import best_trial, holm, pareto_front
 from study.vocabulary import (BASELINE, COLLAPSED_TAG, FAILURE_TAG, FINAL_METRICS, FINAL_PREFIX, FINISHED,
                               GENERAL_TOP1, KIND_TAG, KNOBS, NUMERIC_KNOBS, OBJECTIVE_METRICS, PARENT_TAG,
                               SPECIALIZED_TOP1, STATUS_TAG, SWEEP, TEST, TRAIN_METRICS, TRANSFER_NOTE_TAG, TRIAL,
-                              TRIAL_TAG, VAL, headline, key, wiseft_curve)
+                              TRIAL_TAG, VAL, VERSION_TAG, headline, key, wiseft_curve)
 
 # Test-part metrics, in columns without the "test/" prefix (the report speaks of test numbers only).
 METRICS = [SPECIALIZED_TOP1, "specialized_balanced_accuracy", GENERAL_TOP1, "general_balanced_accuracy",
@@ -37,6 +37,7 @@ class StudyRecords:
     objective: tuple[str, str] = (SPECIALIZED_TOP1, "max")  # the first search objective: chooses the best trial
     adjusted: dict = field(default_factory=dict)  # trial_id -> Holm-adjusted specialized McNemar p
     transfer: str = ""            # why the sweep is in-distribution transfer (its parent's note), or ""
+    versions: dict = field(default_factory=dict)  # package -> {version: runs}, over the sweep's runs' version tags
 
 
 def _num(v):
@@ -96,7 +97,20 @@ def load_study(tracking_uri: str, experiment: str, parent_run_id: str | None = N
     finished = df[done].reset_index(drop=True)
     adjusted = holm(dict(zip(finished["trial_id"], finished.get("specialized_mcnemar_p", pd.Series(dtype=float)))))
     return StudyRecords(experiment, pid, parent.info.status, baseline, finished, df[~done].reset_index(drop=True),
-                        wiseft, head, (metric, mode or "max"), adjusted, parent.data.tags.get(TRANSFER_NOTE_TAG, ""))
+                        wiseft, head, (metric, mode or "max"), adjusted, parent.data.tags.get(TRANSFER_NOTE_TAG, ""),
+                        run_versions([parent, *children]))
+
+
+def run_versions(runs) -> dict[str, dict[str, int]]:
+    """``{package: {version: number of runs}}`` from the runs' ``version.<package>`` tags (the sweep, its baseline and
+    trials each record the versions they ran under); runs that predate the tags add nothing."""
+    out: dict[str, dict[str, int]] = {}
+    for run in runs:
+        for tag, version in run.data.tags.items():
+            if tag.startswith(VERSION_TAG):
+                counts = out.setdefault(tag.removeprefix(VERSION_TAG), {})
+                counts[version] = counts.get(version, 0) + 1
+    return out
 
 
 def test_part(metrics: dict) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from study.selection import verdict
-from study.vocabulary import metric_words
+from study.vocabulary import NUMBER_PACKAGES, metric_words
 
 from . import plots
 from .records import StudyRecords, best_row, load_study, pareto_mask, searched_knobs
@@ -83,6 +83,7 @@ def finding(rec: StudyRecords, imps: dict) -> list[str]:
                      f"seen class names, not zero-shot accuracy.")
     if rec.parent_status == "RUNNING":
         lines.append("The sweep was still running (or was interrupted) when this was written; numbers may change.")
+    lines += mixed_versions_sentences(rec.versions)
     if n == 0:
         lines.append("No trial has finished, so there is nothing to conclude yet.")
         return lines
@@ -97,6 +98,26 @@ def finding(rec: StudyRecords, imps: dict) -> list[str]:
     if n < MIN_TRIALS_FOR_TRENDS:
         lines.append(f"With only {plural(n, 'trial')}, treat every trend here as anecdotal.")
     return lines
+
+
+def mixed_versions_sentences(versions: dict[str, dict[str, int]]) -> list[str]:
+    """A warning for each package of :data:`NUMBER_PACKAGES` whose version differs between the sweep's runs (a sweep
+    resumed or extended after an upgrade, or nodes installed apart)."""
+    lines = []
+    for package in NUMBER_PACKAGES:
+        seen = versions.get(package, {})
+        if len(seen) > 1:
+            each = ", ".join(f"{v} in {plural(n, 'run')}" for v, n in sorted(seen.items()))
+            lines.append(f"Its runs did not all use the same {package} ({each}), so part of any difference between "
+                         f"trials may come from the software, not the knobs.")
+    return lines
+
+
+def software_line(versions: dict[str, dict[str, int]]) -> str:
+    """``torch 2.14.1, open_clip_torch 3.3.0, ...`` as the sweep's runs recorded them (several versions joined by
+    ``/``), or ``""`` for a sweep that predates the tags."""
+    names = [*NUMBER_PACKAGES, *sorted(set(versions) - set(NUMBER_PACKAGES))]
+    return ", ".join(f"{n} {'/'.join(sorted(versions[n]))}" for n in names if n in versions)
 
 
 def baseline_sentence(rec: StudyRecords) -> str:
@@ -205,6 +226,8 @@ def write_report(rec: StudyRecords, out: Path) -> tuple[Path, list[str]]:
     md = [f"# Finding: {rec.experiment}", "", f"Sweep (MLflow parent run) `{rec.parent_run_id}`. Trials are chosen on "
           f"the validation part of each benchmark; every number reported is on the held-out test part. Headline "
           f"metric: {metric_words(rec.headline)}.", ""]
+    if software := software_line(rec.versions):
+        md += [f"Software (the runs' `version.*` tags): {software}.", ""]
     md += [f"- {s}" for s in lines]
     md += ["", "## Figures", ""]
     md += [f"![{p.stem}]({p.name})\n\n*Figure {i}. {CAPTIONS.get(p.stem, p.stem)}*\n"
@@ -251,6 +274,8 @@ def html_report(rec: StudyRecords, lines: list[str], figures: list[Path]) -> str
              f"<p>Sweep (MLflow parent run) <code>{rec.parent_run_id}</code>. Trials are chosen on the validation part "
              f"of each benchmark; every number reported is on the held-out test part. Headline metric: "
              f"{html.escape(metric_words(rec.headline))}.</p>",
+             f"<p>Software (the runs' <code>version.*</code> tags): {html.escape(software_line(rec.versions))}.</p>"
+             if rec.versions else "",
              "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in lines) + "</ul>", "<h2>Figures</h2>", *imgs,
              "<h2>Trials</h2>", table(rec.trials)]
     if len(rec.excluded):

@@ -135,6 +135,9 @@ TRANSFER_NOTE_TAG = "study.transfer_note"  # why a study is in-distribution tran
 OVERLAP_METRIC = "data_overlap"      # data_overlap/<role>/<benchmark>: its images also in the fine-tuning set
 COLLAPSED_TAG = "study.collapsed"    # benchmarks on which a trial's test predictions collapsed to one class
 REPLICATE_OF_TAG = "study.replicate_of"
+VERSION_TAG = "version."            # + a package name: the version a run ran under (version.torch: 2.14.1)
+# The packages whose version can move a study's numbers: analysis says when a sweep's runs disagree on one.
+NUMBER_PACKAGES = ("torch", "open_clip_torch", "peft", "optuna")
 
 # run kinds (values of study.kind)
 SWEEP, BASELINE, TRIAL, REPLICATE = "sweep", "baseline", "trial", "replicate"

@@ -195,3 +195,24 @@ def test_imbalanced_collapsed_trial_claims_no_gain_and_chance_is_the_majority_sh
     expected = multipletests([0.00042, 0.2, 0.03], method="holm")[1][0]
     assert f"Holm-adjusted over 3 trials p = {expected:.2g}" in best
     assert load_study(uri, "s").adjusted["t0000000"] == pytest.approx(expected)
+
+
+def test_report_names_the_software_and_warns_when_runs_disagree_on_a_version(tmp_path):
+    """Each run records the versions it ran under (version.* tags); a sweep resumed after an upgrade has runs
+    under two torch versions, and the finding says so. optuna agreeing everywhere draws no warning."""
+    uri, c, parent = _study(tmp_path, [_trial(1e-3, 4, 0.5, 0, 0.3, 0.7), _trial(2e-3, 2, 0.9, 1, 0.35, 0.6),
+                                       _trial(4e-3, 8, 0.3, 2, 0.4, 0.5)])
+    exp = c.get_experiment_by_name("s").experiment_id
+    runs = sorted(c.search_runs([exp]), key=lambda r: r.data.tags.get("study.trial_id", ""))
+    for run, torch in zip(runs, ["2.14.1", "2.14.1", "2.14.1", "2.15.0", "2.14.1"]):  # parent, baseline, 3 trials
+        c.set_tag(run.info.run_id, "version.torch", torch)
+        c.set_tag(run.info.run_id, "version.optuna", "5.1.0")
+    from analysis.report import run_analysis
+
+    report, lines = run_analysis(uri, "s", None, tmp_path / "out")
+    text = report.read_text()
+    assert "Software (the runs' `version.*` tags): torch 2.14.1/2.15.0, optuna 5.1.0." in text
+    warned = [s for s in lines if "did not all use the same" in s]
+    assert warned == ["Its runs did not all use the same torch (2.14.1 in 4 runs, 2.15.0 in 1 run), so part of any "
+                      "difference between trials may come from the software, not the knobs."]
+    assert "torch 2.14.1/2.15.0" in (report.parent / "report.html").read_text()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..vocabulary import (FAILURE_TAG, FINAL_METRICS, FINAL_PREFIX, FINISHED, GIT_COMMIT_TAG, KIND_TAG, MLFLOW_STATUS,
                           ORPHANED, PARENT_TAG, RUN_NAME_TAG, RUNNING, SOURCE_TAGS, STATUS_TAG, TRIAL, TRIAL_TAG,
-                          EARLY_STOPPED, FAILED, top_level)
+                          VERSION_TAG, EARLY_STOPPED, FAILED, top_level)
 
 PACKAGES = ("torch", "torchvision", "open_clip_torch", "peft", "ray", "optuna", "mlflow", "datasets", "numpy",
             "pydantic")
@@ -50,7 +50,7 @@ def git_commit() -> str:
 
 def provenance_tags() -> dict[str, str]:
     tags = {GIT_COMMIT_TAG: git_commit(), **SOURCE_TAGS}
-    tags.update({f"version.{k}": v for k, v in package_versions().items()})
+    tags.update({VERSION_TAG + k: v for k, v in package_versions().items()})
     return tags
 
 
