@@ -33,9 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         uri = existing_store(args.tracking_uri)
         out = check_folder(args.out, "--out")
+        from study.tracking import read_sweep
+
         from .report import run_analysis
 
-        report, lines = run_analysis(uri, args.experiment, args.parent_run, out)
+        report, lines = run_analysis(read_sweep(uri, args.experiment, args.parent_run), out)
     except (ConfigError, LookupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""Read a study back from MLflow as flat records: one row per trial, plus the baseline.
+"""A sweep as flat records for the report: one row per trial, plus the baseline, from
+:func:`study.tracking.read_sweep` (the one read of MLflow, which the end-of-run summary makes too).
 
 Only reads. Runs from older versions of the tool that lack a metric get NaN in
 that column; nothing is recomputed and no run is modified.
@@ -7,16 +8,14 @@ that column; nothing is recomputed and no run is modified.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pandas as pd
 
-from study.selection import best_trial, holm, pareto_front
-from study.vocabulary import (BASELINE, COLLAPSED_TAG, FAILURE_TAG, FINAL_METRICS, FINAL_PREFIX, FINISHED,
-                              GENERAL_TOP1, KIND_TAG, KNOBS, NUMERIC_KNOBS, OBJECTIVE_METRICS, PARENT_TAG,
-                              SPECIALIZED_TOP1, STATUS_TAG, SWEEP, TEST, TRAIN_METRICS, TRANSFER_NOTE_TAG, TRIAL,
-                              TRIAL_TAG, VAL, VERSION_TAG, headline, key, wiseft_curve)
+from study.selection import holm, pareto_front, ranked
+from study.tracking import SweepRecord, TrialRecord, read_sweep
+from study.vocabulary import (FINISHED, GENERAL_TOP1, KNOBS, NUMERIC_KNOBS, OBJECTIVE_METRICS, SPECIALIZED_TOP1, TEST,
+                              TRAIN_METRICS, TRANSFER_NOTE_TAG, VAL, headline, key, wiseft_curve)
 
 # Test-part metrics, in columns without the "test/" prefix (the report speaks of test numbers only).
 METRICS = [SPECIALIZED_TOP1, "specialized_balanced_accuracy", GENERAL_TOP1, "general_balanced_accuracy",
@@ -38,13 +37,8 @@ class StudyRecords:
     adjusted: dict = field(default_factory=dict)  # trial_id -> Holm-adjusted specialized McNemar p
     transfer: str = ""            # why the sweep is in-distribution transfer (its parent's note), or ""
     versions: dict = field(default_factory=dict)  # package -> {version: runs}, over the sweep's runs' version tags
-
-
-def _num(v):
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return v
+    ranking: list = field(default_factory=list)   # the finished trials' ids, best first by the one rule
+    sweep: SweepRecord | None = None              # what they were read from
 
 
 def wilson(p: float, n: float, z: float = 1.96) -> tuple[float, float]:
@@ -58,59 +52,28 @@ def wilson(p: float, n: float, z: float = 1.96) -> tuple[float, float]:
 
 def load_study(tracking_uri: str, experiment: str, parent_run_id: str | None = None) -> StudyRecords:
     """The study's latest sweep (or ``parent_run_id``'s) as :class:`StudyRecords`. Raises ``LookupError``."""
-    from mlflow.tracking import MlflowClient
+    return study_records(read_sweep(tracking_uri, experiment, parent_run_id))
 
-    c = MlflowClient(tracking_uri=tracking_uri)
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        raise LookupError(f"--experiment: no MLflow experiment named {experiment!r} at {tracking_uri}")
-    if parent_run_id is None:
-        sweeps = c.search_runs([exp.experiment_id], f"tags.`{KIND_TAG}` = '{SWEEP}'", order_by=["start_time DESC"],
-                               max_results=1)
-        if not sweeps:
-            raise LookupError(f"--experiment: {experiment!r} holds no sweep (parent) run")
-        parent = sweeps[0]
-    else:
-        from mlflow.exceptions import MlflowException
 
-        try:
-            parent = c.get_run(parent_run_id)
-        except MlflowException:
-            raise LookupError(f"--parent-run: no run {parent_run_id!r} at {tracking_uri}") from None
-        if parent.info.experiment_id != exp.experiment_id or parent.data.tags.get(KIND_TAG) != SWEEP:
-            raise LookupError(f"--parent-run: run {parent_run_id!r} is not a sweep (parent) run of experiment "
-                              f"{experiment!r}")
-    pid = parent.info.run_id
-    children = c.search_runs([exp.experiment_id], f"tags.`{PARENT_TAG}` = '{pid}'", max_results=50000)
-    base_run = next((r for r in children if r.data.tags.get(KIND_TAG) == BASELINE), None)
-    trials = [r for r in children if r.data.tags.get(KIND_TAG) == TRIAL]
-    with ThreadPoolExecutor(8) as pool:  # one artifact read per run: overlap them for a remote server
-        finals = list(pool.map(lambda r: run_metrics(c, r), [base_run, *trials] if base_run else trials))
-    baseline = test_part(finals.pop(0)) if base_run else {}
-    rows = [trial_row(r, m) for r, m in zip(trials, finals)]
-    wiseft = {row["trial_id"]: curve for row, m in zip(rows, finals)
-              if (curve := wiseft_curve(m) or wiseft_curve(m, split=""))}
-    head = parent.data.params.get("evaluation.headline", "top1")
-    metric, _, mode = parent.data.params.get("search.objective", f"{SPECIALIZED_TOP1}:max").split(",")[0].partition(":")
-    df = with_derived_columns(pd.DataFrame(rows), baseline, head)
+def study_records(sweep: SweepRecord) -> StudyRecords:
+    """``sweep`` as flat records: a row per trial, the finished ones apart from the rest."""
+    baseline = test_part(sweep.baseline)
+    rows = [trial_row(t) for t in sweep.trials]
+    wiseft = {t.trial_id: curve for t in sweep.trials
+              if (curve := wiseft_curve(t.metrics) or wiseft_curve(t.metrics, split=""))}
+    df = with_derived_columns(pd.DataFrame(rows), baseline, sweep.headline)
     done = df["status"].eq(FINISHED) & df[SPECIALIZED_TOP1].notna() & df[GENERAL_TOP1].notna()
     finished = df[done].reset_index(drop=True)
     adjusted = holm(dict(zip(finished["trial_id"], finished.get("specialized_mcnemar_p", pd.Series(dtype=float)))))
-    return StudyRecords(experiment, pid, parent.info.status, baseline, finished, df[~done].reset_index(drop=True),
-                        wiseft, head, (metric, mode or "max"), adjusted, parent.data.tags.get(TRANSFER_NOTE_TAG, ""),
-                        run_versions([parent, *children]))
-
-
-def run_versions(runs) -> dict[str, dict[str, int]]:
-    """``{package: {version: number of runs}}`` from the runs' ``version.<package>`` tags (the sweep, its baseline and
-    trials each record the versions they ran under); runs that predate the tags add nothing."""
-    out: dict[str, dict[str, int]] = {}
-    for run in runs:
-        for tag, version in run.data.tags.items():
-            if tag.startswith(VERSION_TAG):
-                counts = out.setdefault(tag.removeprefix(VERSION_TAG), {})
-                counts[version] = counts.get(version, 0) + 1
-    return out
+    candidates = [t for t in sweep.trials if t.trial_id in set(finished["trial_id"])]
+    objective = sweep.objective
+    # The one rule (study.selection), on validation: val/ metrics; sweeps before the split logged plain names.
+    metric = key(VAL, objective.metric) if any(key(VAL, objective.metric) in t.metrics for t in candidates) \
+        else objective.metric
+    order = [t.trial_id for t in ranked(candidates, metric, objective.mode)]
+    return StudyRecords(sweep.experiment, sweep.parent_run_id, sweep.status, baseline, finished,
+                        df[~done].reset_index(drop=True), wiseft, sweep.headline, (objective.metric, objective.mode),
+                        adjusted, sweep.tags.get(TRANSFER_NOTE_TAG, ""), sweep.versions, order, sweep)
 
 
 def test_part(metrics: dict) -> dict:
@@ -121,44 +84,27 @@ def test_part(metrics: dict) -> dict:
     return out
 
 
-def run_metrics(c, run) -> dict:
-    """Every metric of a run's last epoch (a trial's) or its evaluation (the baseline's): its
-    ``metrics/final.json`` artifact over its top-level metrics at their last step (which add what the sweep
-    logged afterwards, the Holm-adjusted p-value). Sweeps that predate the artifact logged everything at the
-    top level, the last epoch as ``final/<key>``: read as such. A run without final records (failed, still
-    running) gives its top-level metrics."""
-    import json
-    import tempfile
-
-    from mlflow.exceptions import MlflowException
-
-    m = run.data.metrics
-    out = {**m, **{k.removeprefix(FINAL_PREFIX): v for k, v in m.items() if k.startswith(FINAL_PREFIX)}}
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = c.download_artifacts(run.info.run_id, FINAL_METRICS, tmp)
-            with open(path) as f:
-                return {**out, **json.load(f)}
-    except (MlflowException, OSError):  # no final records
-        return out
-
-
-def trial_row(run, last: dict) -> dict:
-    """One flat record of a trial's run (``last``: its :func:`run_metrics`): ids, status, every knob, the final
-    metrics and their intervals."""
-    row = {"trial_id": run.data.tags.get(TRIAL_TAG, run.info.run_id[:8]), "run_id": run.info.run_id,
-           "status": run.data.tags.get(STATUS_TAG, run.info.status),
-           "failure_reason": run.data.tags.get(FAILURE_TAG, "")}
-    row.update({k: _num(run.data.params.get(k)) for k in KNOBS})
-    test = test_part(last)
+def trial_row(t: TrialRecord) -> dict:
+    """One flat record of a trial: ids, status, every knob, the final metrics and their intervals."""
+    row = {"trial_id": t.trial_id, "run_id": t.run_id, "status": t.status, "failure_reason": t.error}
+    knobs = t.settings.model_dump() if t.settings is not None else {k: _num(t.params.get(k)) for k in KNOBS}
+    row.update({k: "+".join(v) if isinstance(v, list) else v for k, v in knobs.items() if k in KNOBS})
+    last, test = t.metrics, test_part(t.metrics)
     row.update({k: test.get(k, math.nan) for k in METRICS})
     row.update({f"val_{k}": last.get(key(VAL, k), last.get(k, math.nan)) for k in OBJECTIVE_METRICS})
     for name, value in test.items():  # intervals, paired tests, collapse, where the evaluator logged them
         if name.endswith(DETAIL_SUFFIXES) or name.startswith("wiseft_best_"):
             row[name] = value
-    row["collapsed"] = run.data.tags.get(COLLAPSED_TAG, "")
+    row["collapsed"] = t.collapsed
     row["wiseft_best_alpha"] = last.get("wiseft_best_alpha", math.nan)
     return row
+
+
+def _num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
 
 
 def with_derived_columns(df: pd.DataFrame, baseline: dict, head: str = "top1") -> pd.DataFrame:
@@ -190,20 +136,10 @@ def searched_knobs(df: pd.DataFrame) -> list[str]:
     return [k for k in NUMERIC_KNOBS if k in df and pd.to_numeric(df[k], errors="coerce").nunique() > 1]
 
 
-def _records(df: pd.DataFrame) -> list[tuple[str, dict]]:
-    """Rows as ``(trial_id, validation metrics)`` records for :mod:`study.selection`."""
-    return [(row["trial_id"], {k: row.get(f"val_{k}", math.nan) for k in OBJECTIVE_METRICS}) for _, row in df.iterrows()]
-
-
-def best_row(rec_or_df, metric: str = SPECIALIZED_TOP1, mode: str = "max") -> pd.Series:
-    """The best trial's row, chosen on validation by the first objective, with the one rule the CLI summary
-    uses (:func:`study.selection.best_trial`). Takes :class:`StudyRecords` (its objective) or a table."""
-    if isinstance(rec_or_df, StudyRecords):
-        df, (metric, mode) = rec_or_df.trials, rec_or_df.objective
-    else:
-        df = rec_or_df
-    tid = best_trial(_records(df), metric, mode)  # val_ columns fall back to plain names for older sweeps
-    return df.loc[df["trial_id"] == tid].iloc[0]
+def best_row(rec: StudyRecords, rank: int = 0) -> pd.Series:
+    """The best trial's row (``rank`` 1: the runner-up), chosen on validation by the first objective with the one
+    rule the summary uses (:attr:`StudyRecords.ranking`)."""
+    return rec.trials.loc[rec.trials["trial_id"] == rec.ranking[rank]].iloc[0]
 
 
 def pareto_mask(df: pd.DataFrame, x: str = "specialized_gain_pts", y: str = "general_change_pts") -> pd.Series:

@@ -10,10 +10,11 @@ from pathlib import Path
 import pandas as pd
 
 from study.selection import verdict
+from study.tracking import SweepRecord, log_report
 from study.vocabulary import NUMBER_PACKAGES, metric_words
 
 from . import plots
-from .records import StudyRecords, best_row, load_study, pareto_mask, searched_knobs
+from .records import StudyRecords, best_row, pareto_mask, searched_knobs, study_records
 
 MIN_TRIALS_FOR_IMPORTANCE = 4
 MIN_TRIALS_FOR_TRENDS = 6
@@ -192,7 +193,7 @@ def reliability_sentences(rec: StudyRecords, best: pd.Series) -> list[str]:
     df = rec.trials
     if len(df) < 2 or math.isnan(best["specialized_gain_ci_low_pts"]):
         return []
-    runner_up = best_row(dataclasses.replace(rec, trials=df.drop(index=best.name)))
+    runner_up = best_row(rec, rank=1)
     if runner_up["specialized_gain_ci_high_pts"] >= best["specialized_gain_ci_low_pts"]:
         return [f"The chosen trial's gain interval overlaps that of the runner-up ({runner_up['trial_id']}, "
                 f"{runner_up['specialized_gain_pts']:+.1f} points): their order is not reliable."]
@@ -308,20 +309,15 @@ def _markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(rows)
 
 
-def run_analysis(tracking_uri: str, experiment: str, parent_run_id: str | None, out_root: Path,
-                 sweep_done: bool = False) -> tuple[Path, list[str]]:
-    """Analyse a study, write everything under ``out_root/<experiment>/<parent run>``, and attach it to the
-    parent run as artifacts under ``analysis/``. Returns the report path and the finding's sentences.
-    ``sweep_done``: the caller knows the sweep has ended (``study.run`` reports before it closes the parent
-    run), so the report does not warn that numbers may change."""
-    import dataclasses
-
-    from mlflow.tracking import MlflowClient
-
-    rec = load_study(tracking_uri, experiment, parent_run_id)
+def run_analysis(sweep: SweepRecord, out_root: Path, sweep_done: bool = False) -> tuple[Path, list[str]]:
+    """Analyse a sweep (as :func:`study.tracking.read_sweep` read it), write everything under
+    ``out_root/<experiment>/<parent run>``, and attach it to the parent run as artifacts under ``analysis/``.
+    Returns the report path and the finding's sentences. ``sweep_done``: the caller knows the sweep has ended
+    (``study.run`` reports before it closes the parent run), so the report does not warn that numbers may change."""
+    rec = study_records(sweep)
     if sweep_done:
         rec = dataclasses.replace(rec, parent_status="FINISHED")
-    out = out_root / experiment / rec.parent_run_id
+    out = out_root / sweep.experiment / sweep.parent_run_id
     report, lines = write_report(rec, out)
-    MlflowClient(tracking_uri=tracking_uri).log_artifacts(rec.parent_run_id, str(out), "analysis")
+    log_report(sweep, out)
     return report, lines

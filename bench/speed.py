@@ -158,12 +158,11 @@ def bare_loop(space: Path, cache_dir: Path) -> dict:
     from study.library.benchmarks import eval_sets
     from study.library.cache import feature_cache
     from study.library.models import load_base_model
-    from study.library.pretrain import resolve_weights
     from study.library.zeroshot import evaluate_sets
 
-    cfg, params = load_study_config(space)
+    cfg = load_study_config(space)
     t0 = time.time()
-    pretrained = resolve_weights(cfg.model, cache_dir)
+    pretrained = cfg.model.weights(cache_dir)
     base = load_base_model(cfg.model.name, pretrained)  # the baseline, as the driver's prepare() scores it
     sets = eval_sets(cfg.data, cache_dir, base.preprocess, validation_share=cfg.evaluation.validation_share)
     baseline, _, predictions = evaluate_sets(
@@ -172,7 +171,7 @@ def bare_loop(space: Path, cache_dir: Path) -> dict:
     out = {"baseline_seconds": time.time() - t0, "epochs": []}
     t0 = time.time()
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))  # as the worker does
-    b = bare_setup(cfg, params, pretrained, cache_dir)
+    b = bare_setup(cfg, pretrained, cache_dir)
     out["setup_seconds"] = time.time() - t0
     for epoch in range(b["s"].epochs):
         t0 = time.time()
@@ -187,7 +186,7 @@ def bare_loop(space: Path, cache_dir: Path) -> dict:
     return out
 
 
-def bare_setup(cfg, params, pretrained, cache_dir: Path) -> dict:
+def bare_setup(cfg, pretrained, cache_dir: Path) -> dict:
     """What the worker's ``setup`` builds, for one process on the CPU, with the frozen-prefix cache as the study
     uses it (the driver built its stores already)."""
     import torch
@@ -200,14 +199,13 @@ def bare_setup(cfg, params, pretrained, cache_dir: Path) -> dict:
     from study.library.prefix import SuffixCLIP, prefix_sets
     from study.orchestration.prepare import prefix_plan
     from study.orchestration.worker import WorkerJob, cached_depths, training_pairs
-    from study.settings import TrialSettings
-
-    s = TrialSettings.model_validate({k: v.choices[0] if hasattr(v, "choices") else v for k, v in params.items()})
+    # The bench's space fixes every knob but one single-choice categorical (a space must search something).
+    s = cfg.space.settings({k: v.choices[0] for k, v in cfg.space.searched.items()})
     device = torch.device("cpu")
     torch.manual_seed(s.seed)
     lm = load_base_model(cfg.model.name, pretrained)
     job = WorkerJob(settings=s, data=cfg.data, model_name=cfg.model.name, model_pretrained=pretrained,
-                    cache_dir=str(cache_dir), prefix_depths=prefix_plan(cfg, params, lm.model))
+                    cache_dir=str(cache_dir), prefix_depths=prefix_plan(cfg, lm.model))
     depths = cached_depths(job, lm.model)
     pairs = training_pairs(job, lm, depths, device)
     sets = eval_sets(cfg.data, cache_dir, lm.preprocess, validation_share=cfg.evaluation.validation_share)
@@ -313,14 +311,13 @@ def zeroshot_speed(space: Path, cache_dir: Path, batch: int, repeats: int) -> di
     from study.config import load_study_config
     from study.library.benchmarks import validation_and_test
     from study.library.models import load_base_model
-    from study.library.pretrain import resolve_weights
     from study.library.zeroshot import evaluate_sets
 
     zsc.accuracy = _accuracy
-    cfg, _ = load_study_config(space)
+    cfg = load_study_config(space)
     threads = max(1, int(cfg.resources.cpus_per_worker))
     torch.set_num_threads(threads)
-    lm = load_base_model(cfg.model.name, resolve_weights(cfg.model, cache_dir))
+    lm = load_base_model(cfg.model.name, cfg.model.weights(cache_dir))
     lm.model.eval()
     spec = next(x for x in cfg.data.specs("specialized") if x.task == "classification")
     test = validation_and_test(spec, "specialized", True, cache_dir, lm.preprocess, cfg.data.seed,

@@ -1,10 +1,12 @@
 """Typed study configuration: a search-space YAML validated completely, once, at the boundary.
 
 ``load_study_config`` reads ``search_spaces/*.yaml``, applies CLI overrides and
-returns a :class:`StudyConfig`, or raises :class:`ConfigError` with one line
-naming the file and the field at fault. Nothing downstream sees raw dicts,
-except the plain dict that Ray Tune hands a trial, which the trial turns back
-into :class:`TrialSettings` on its first line.
+returns a :class:`StudyConfig` whose search space is typed and split once
+(:attr:`StudyConfig.space`: fixed knob values and searched distributions), or
+raises :class:`ConfigError` with one line naming the file and the field at
+fault. Below it only the plain dict of sampled values that Ray Tune hands a
+trial is untyped, and the trial turns it into :class:`TrialSettings` on its
+first line.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .library.benchmarks import BenchmarkSpec, SpecError, resolve
+from .library.pretrain import GENERAL_BENCHMARK, PretrainSettings, resolve_weights
 from .library.rows import Holdout
 from .library.yamlfile import YamlFileError, parse_value, read_yaml
 from .settings import TrialSettings
@@ -82,6 +85,31 @@ DISTRIBUTION_TYPES = {"uniform": Uniform, "loguniform": LogUniform, "quniform": 
 DISTRIBUTIONS = tuple(DISTRIBUTION_TYPES)
 
 
+class SearchSpace(BaseModel):
+    """A validated search space (``params``), split once: the knobs every trial shares and the distributions
+    the search samples. Each distribution's every value is a valid :class:`TrialSettings` field."""
+
+    model_config = ConfigDict(frozen=True)
+    fixed: dict[str, Any] = {}
+    searched: dict[str, Distribution] = {}
+
+    def values(self, name: str) -> list:
+        """Every value knob ``name`` can take: its fixed value (a list knob's items), a categorical's choices
+        (split at ``+``), a range's ends, or the default."""
+        dist = self.searched.get(name)
+        if isinstance(dist, Categorical):
+            return [x for c in dist.choices for x in (str(c).split("+") if isinstance(c, str) else [c])]
+        if dist is not None:
+            return [dist.low, dist.high]
+        value = self.fixed.get(name, getattr(TrialSettings(), name))
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+
+    def settings(self, sampled: dict) -> TrialSettings:
+        """The typed settings of one trial: ``sampled`` (what the search drew, by knob) over the fixed values.
+        Raises pydantic's ``ValidationError``."""
+        return TrialSettings.model_validate({**self.fixed, **sampled})
+
+
 class Objective(_Strict):
     metric: Literal[OBJECTIVE_METRICS]  # type: ignore[valid-type]
     mode: Literal["max", "min"] = "max"
@@ -96,12 +124,20 @@ class PretrainSection(_Strict):
     seed: int = Field(0, ge=0)
     data_scale: float = Field(1.0, gt=0, le=1)
 
+    def settings(self) -> PretrainSettings:
+        return PretrainSettings(**self.model_dump())
+
 
 class ModelSection(_Strict):
     name: str = "clip-study-tiny"  # open_clip model name, or hf-hub:org/repo
     pretrained: Optional[str] = None  # open_clip tag or checkpoint path; None = offline default
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype on GPU; CPU runs fp32 or bf16
     pretrain: PretrainSection = PretrainSection()
+
+    def weights(self, cache_dir: Path) -> Optional[str]:
+        """The weights to load (:func:`~study.library.pretrain.resolve_weights`): the tag or checkpoint path, or
+        for the offline default the cached pretrained checkpoint, pretrained first if missing."""
+        return resolve_weights(self.name, self.pretrained, cache_dir, self.pretrain.settings())
 
 
 class FinetuneData(_Strict):
@@ -144,7 +180,7 @@ class DataSection(_Strict):
 
     finetune: FinetuneData = FinetuneData()
     specialized: list[BenchmarkRef] = Field(["micrographs"], min_length=1)
-    general: list[BenchmarkRef] = Field(["shapes"], min_length=1)
+    general: list[BenchmarkRef] = Field([GENERAL_BENCHMARK], min_length=1)
     seed: int = Field(0, ge=0)  # seeds the offline domains, the fraction subsets, holdouts and max_images samples
     offline_scale: float = Field(1.0, gt=0, le=1)  # shrink generated domains (smoke runs)
     # Benchmark images also in the fine-tuning set (same pixels, or the same perceptual hash) that a study
@@ -260,7 +296,13 @@ class StudyConfig(_Strict):
     search: SearchSection = SearchSection()
     evaluation: EvaluationSection = EvaluationSection()
     resources: ResourcesSection = ResourcesSection()
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)  # as written; validated into `space` by load_study_config
+    _space: SearchSpace = PrivateAttr(default_factory=SearchSpace)
+
+    @property
+    def space(self) -> SearchSpace:
+        """``params``, validated and split into fixed and searched knobs (set by :func:`load_study_config`)."""
+        return self._space
 
     @field_validator("name")
     @classmethod
@@ -369,9 +411,9 @@ def _distribution(name: str, spec: dict, blame, defaults: dict) -> BaseModel:
     return dist
 
 
-def _validate_params(params: dict, blame) -> dict:
-    """Check each search-space entry and return ``{name: fixed value | Distribution}``. Fixed values are
-    checked together (``nothing to train``), and each distribution's extremes together with them."""
+def _validate_params(params: dict, blame) -> SearchSpace:
+    """Check each search-space entry and return the :class:`SearchSpace`. Fixed values are checked together
+    (``nothing to train``), and each distribution's extremes together with them."""
     out = {}
     defaults = TrialSettings().model_dump()
     for name in params:
@@ -389,10 +431,11 @@ def _validate_params(params: dict, blame) -> dict:
     except ValidationError as err:
         raise ConfigError(_fmt(err, blame, ("params",))) from None
     with_fixed = {**defaults, **out}
-    for name, spec in params.items():
-        if name not in fixed:
-            out[name] = _distribution(name, spec, blame, with_fixed)
-    return dict(sorted(out.items(), key=lambda kv: list(params).index(kv[0])))
+    searched = {name: _distribution(name, spec, blame, with_fixed) for name, spec in params.items() if name not in fixed}
+    if not searched:
+        raise ConfigError(f"{blame('params')}: params: nothing to search; give at least one parameter a "
+                          f"distribution")
+    return SearchSpace(fixed=out, searched=searched)
 
 
 def _set_path(tree: dict, dotted: str, value, origin: str) -> None:
@@ -438,8 +481,8 @@ def read_space(path: Path) -> dict:
     return copy.deepcopy(raw)
 
 
-def load_study_config(path: Path | str | None = None, overrides: list[Override] = ()) -> tuple[StudyConfig, dict]:
-    """Read, override and validate a search space. Returns ``(config, validated params)``.
+def load_study_config(path: Path | str | None = None, overrides: list[Override] = ()) -> StudyConfig:
+    """Read, override and validate a search space into a :class:`StudyConfig` (its ``space`` typed and split).
 
     ``overrides`` are ``(dotted key, value[, flag])``; an error in an overridden field names the flag."""
     path = Path(path) if path else DEFAULT_SPACE
@@ -451,9 +494,6 @@ def load_study_config(path: Path | str | None = None, overrides: list[Override] 
         cfg = StudyConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_fmt(err, blame)) from None
-    params = _validate_params(cfg.params, blame)
+    cfg._space = _validate_params(cfg.params, blame)
     cfg.data = cfg.data.resolved(str(path))
-    if not any(isinstance(v, BaseModel) for v in params.values()):
-        raise ConfigError(f"{blame('params')}: params: nothing to search; give at least one parameter a "
-                          f"distribution")
-    return cfg, params
+    return cfg

@@ -61,31 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_model(args, tmp: Path) -> tuple[str, str]:
     """``--run-id``: the trial's model exported into ``tmp``, as (open_clip model name, checkpoint path)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
     from .checks import existing_store
-    from .export import alpha_of, export_run
+    from .export import alpha_of, export_run, find_trial
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args.tracking_uri = existing_store(args.tracking_uri)
-    c = MlflowClient(args.tracking_uri)
-    try:
-        run = c.get_run(args.run_id)
-    except MlflowException:
-        raise ConfigError(f"--run-id: no run {args.run_id!r} at {args.tracking_uri}") from None
-    args.alpha = f"{alpha_of(args.alpha, run):g}"
-    path, notes = export_run(c, run, float(args.alpha), tmp)
-    return notes["model"], str(path)
+    trial, name, pretrained = find_trial(args.tracking_uri, "", None, args.run_id)
+    args.alpha = f"{alpha_of(args.alpha, trial):g}"
+    path, _ = export_run(args.tracking_uri, trial, name, pretrained, float(args.alpha), tmp)
+    return name, str(path)
 
 
 def resolve_weights(model: str, pretrained: str | None, cache_dir: Path) -> str | None:
     """The weights to load; for the offline model, the same cached checkpoint the default study uses."""
     from .config import ModelSection
-    from .library.pretrain import resolve_weights
 
     check_model(model, pretrained, where="--model/--pretrained")
-    return resolve_weights(ModelSection(name=model, pretrained=pretrained), cache_dir)
+    return ModelSection(name=model, pretrained=pretrained).weights(cache_dir)
 
 
 def evaluate_specs(model_name: str, pretrained: str | None, specs, cache_dir: Path, device: str = "cpu",

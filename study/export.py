@@ -24,7 +24,7 @@ from .checks import Parser, check_folder, existing_store, model_name
 from .config import ConfigError
 from .library.export import ExportError
 from .library.models import ModelError
-from .vocabulary import FINISHED, KIND_TAG, PARENT_TAG, STATUS_TAG, SWEEP, TRIAL, TRIAL_TAG, WISEFT_BEST_ALPHA
+from .vocabulary import WISEFT_BEST_ALPHA
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,51 +48,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def find_trial(c, args):
-    """The trial run to export: ``--run-id``, else the best finished trial of the sweep (first objective on
-    validation, :func:`study.selection.best_trial`). Raises :class:`ConfigError`."""
-    from mlflow.exceptions import MlflowException
+def find_trial(tracking_uri: str, experiment: str, parent_run: str | None, run_id: str | None):
+    """The trial to export, with its model: ``(TrialRecord, model name, base weights)``: ``run_id``'s, else the best
+    trial of the sweep (:meth:`study.tracking.SweepRecord.best`, the one rule). Raises :class:`ConfigError`."""
+    from .tracking import read_sweep, read_trial_run
 
-    from analysis.records import run_metrics
-
-    from .selection import best_trial
-
-    if args.run_id:
-        try:
-            run = c.get_run(args.run_id)
-        except MlflowException:
-            raise ConfigError(f"--run-id: no run {args.run_id!r} at {args.tracking_uri}") from None
-        if run.data.tags.get(KIND_TAG) not in (TRIAL, "replicate"):
-            raise ConfigError(f"--run-id: run {args.run_id!r} is not a trial run (study.kind "
-                              f"{run.data.tags.get(KIND_TAG)!r})")
-        return run
-    parent = find_parent(c, args)
-    metric, _, mode = parent.data.params.get("search.objective", "specialized_top1:max").split(",")[0].partition(":")
-    runs = c.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}' and "
-                                                      f"tags.`{KIND_TAG}` = '{TRIAL}'", max_results=50000)
-    finals = [(r.data.tags[TRIAL_TAG], run_metrics(c, r)) for r in runs if r.data.tags.get(STATUS_TAG) == FINISHED]
-    best = best_trial(finals, f"val/{metric}", mode or "max")
+    try:
+        if run_id:
+            return read_trial_run(tracking_uri, run_id)
+        sweep = read_sweep(tracking_uri, experiment, parent_run)
+    except LookupError as exc:
+        raise ConfigError(str(exc)) from None
+    best = sweep.best()
     if best is None:
-        raise ConfigError(f"--parent-run: sweep {parent.info.run_id} has no finished trial to export")
-    return next(r for r in runs if r.data.tags[TRIAL_TAG] == best)
+        raise ConfigError(f"--parent-run: sweep {sweep.parent_run_id} has no finished trial to export")
+    return best, sweep.model_name, sweep.model_pretrained
 
 
-def find_parent(c, args):
-    exp = c.get_experiment_by_name(args.experiment)
-    if exp is None:
-        raise ConfigError(f"--experiment: no MLflow experiment named {args.experiment!r} at {args.tracking_uri}")
-    query = f"attributes.run_id = '{args.parent_run}'" if args.parent_run else f"tags.`{KIND_TAG}` = '{SWEEP}'"
-    runs = c.search_runs([exp.experiment_id], query, order_by=["start_time DESC"], max_results=1)
-    if not runs or runs[0].data.tags.get(KIND_TAG) != SWEEP:
-        raise ConfigError(f"--parent-run: no sweep (parent) run {args.parent_run or ''} in {args.experiment!r}")
-    return runs[0]
-
-
-def alpha_of(text: str, run) -> float:
+def alpha_of(text: str, trial=None) -> float:
+    """``--alpha``: a number in [0, 1], or ``best``: the alpha ``trial`` (a :class:`~study.tracking.TrialRecord`)
+    chose on validation."""
     if text == "best":
-        value = run.data.metrics.get(WISEFT_BEST_ALPHA)
+        value = trial.metrics.get(WISEFT_BEST_ALPHA) if trial is not None else None
         if value is None:
-            raise ConfigError(f"--alpha best: run {run.info.run_id} logged no {WISEFT_BEST_ALPHA}")
+            raise ConfigError(f"--alpha best: run {trial.run_id if trial else '?'} logged no {WISEFT_BEST_ALPHA}")
         return float(value)
     try:
         value = float(text)
@@ -103,60 +82,59 @@ def alpha_of(text: str, run) -> float:
     return value
 
 
-def export_run(c, run, alpha: float, out: Path) -> tuple[Path, dict]:
-    """Write ``<out>/<run name>.pt`` (+ the model config for project models, + ``<name>.json`` notes); returns
-    the checkpoint's path and the notes."""
+def export_run(tracking_uri: str, trial, name: str, pretrained: str | None, alpha: float,
+               out: Path) -> tuple[Path, dict]:
+    """Write ``<out>/<trial id>.pt`` of ``trial`` (a :class:`~study.tracking.TrialRecord` of model ``name`` on base
+    weights ``pretrained``), plus the model config for project models and ``<trial id>.json`` notes; returns the
+    checkpoint's path and the notes."""
     import shutil
-
-    from analysis.records import run_metrics
 
     from .library.export import merged_clip, trained_model, write_checkpoint
     from .library.models import CONFIG_DIR
-    from .settings import TrialSettings
+    from .tracking import download
 
-    parent = c.get_run(run.data.tags[PARENT_TAG])
-    name, pretrained = parent.data.params["model.name"], parent.data.params.get("model.pretrained")
-    pretrained = None if pretrained in (None, "None") else pretrained
+    if trial.settings is None:
+        raise ConfigError(f"--run-id: run {trial.run_id} holds no readable trial_config.json")
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(c.download_artifacts(run.info.run_id, "trial_config.json", tmp))
-        settings = TrialSettings.model_validate(json.loads(config.read_text()))
-        adapter = Path(c.download_artifacts(run.info.run_id, "adapter", tmp))
-        lm = trained_model(name, pretrained, settings, adapter, alpha)
-    stem = f"{run.data.tags.get(TRIAL_TAG, run.info.run_id)}" + (f"-alpha{alpha:g}" if alpha != 1 else "")
+        adapter = download(tracking_uri, trial.run_id, "adapter", Path(tmp))
+        lm = trained_model(name, pretrained, trial.settings, adapter, alpha)
+    stem = trial.trial_id + (f"-alpha{alpha:g}" if alpha != 1 else "")
     path = write_checkpoint(merged_clip(lm.model), out / f"{stem}.pt")
     if (CONFIG_DIR / f"{name}.json").exists():  # a project model: open_clip needs its config too
         shutil.copy(CONFIG_DIR / f"{name}.json", out / f"{name}.json")
-    notes = {"run_id": run.info.run_id, "trial_id": run.data.tags.get(TRIAL_TAG), "model": name,
-             "base_pretrained": pretrained, "alpha": alpha, "settings": settings.model_dump(),
+    notes = {"run_id": trial.run_id, "trial_id": trial.trial_id, "model": name, "base_pretrained": pretrained,
+             "alpha": alpha, "settings": trial.settings.model_dump(),
              # the trial as trained (alpha 1); at its chosen alpha, its val/ and test/ wiseft_best_* ones
-             "logged_final_metrics": {k: v for k, v in run_metrics(c, run).items() if "/wiseft/" not in k}}
+             "logged_final_metrics": {k: v for k, v in trial.metrics.items() if "/wiseft/" not in k}}
     (out / f"{stem}.json").write_text(json.dumps(notes, indent=2))
     return path, notes
 
 
-def log_model(uri: str, run, path: Path, model_name: str, register: str | None) -> str:
-    """Log the exported model to the trial's run as an ``mlflow.pytorch`` model (the run's status and end time
-    kept) and optionally register it; returns the URI to load it by (``models:/NAME/<version>`` when
-    registered)."""
-    import mlflow
+def log_model(uri: str, trial, path: Path, model_name: str, register: str | None) -> str:
+    """Log the exported model to the trial's run as an ``mlflow.pytorch`` model and optionally register it
+    (:func:`study.tracking.log_trial_model`); returns the URI to load it by."""
     import open_clip
     import torch
 
     from .library.models import register_configs
+    from .tracking import log_trial_model
 
     register_configs()
     model = open_clip.create_model(model_name, pretrained=str(path), weights_only=True)
-    mlflow.set_tracking_uri(uri)
-    c = mlflow.MlflowClient(uri)
-    status, end = run.info.status, run.info.end_time
-    with mlflow.start_run(run_id=run.info.run_id):
-        # pickle: MLflow 3's default (pt2) traces the forward with an example input; CLIP's takes two.
-        info = mlflow.pytorch.log_model(model, name="model", registered_model_name=register,
-                                        serialization_format="pickle",
-                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                                                          f"open_clip_torch=={open_clip.__version__}"])
-    c.set_terminated(run.info.run_id, status=status, end_time=end)
-    return f"models:/{register}/{info.registered_model_version}" if register else info.model_uri
+    return log_trial_model(uri, trial.run_id, model, register,
+                           [f"torch=={torch.__version__.split('+')[0]}", f"open_clip_torch=={open_clip.__version__}"])
+
+
+def export_best(tracking_uri: str, experiment: str, parent_run: str | None, out: Path, alpha: str = "1",
+                register: str | None = None, run_id: str | None = None) -> tuple[Path, dict, float, str | None]:
+    """Export a sweep's best trial (or ``run_id``'s) at WiSE-FT ``alpha`` (a number or ``best``) into ``out``; with
+    ``register``, also log it as an MLflow model and register it. Returns the checkpoint, its notes, the alpha
+    and the MLflow model's URI (None without ``register``). Raises :class:`ConfigError` on bad input."""
+    trial, name, pretrained = find_trial(tracking_uri, experiment, parent_run, run_id)
+    value = alpha_of(alpha, trial)
+    path, notes = export_run(tracking_uri, trial, name, pretrained, value, out)
+    uri = log_model(tracking_uri, trial, path, name, register) if register else None
+    return path, notes, value, uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,26 +144,30 @@ def main(argv: list[str] | None = None) -> int:
         args.tracking_uri = existing_store(args.tracking_uri)
         out = check_folder(args.out, "--out")
         if args.alpha != "best":
-            alpha_of(args.alpha, None)  # a bad number fails before MLflow is read
-        from mlflow.tracking import MlflowClient
-
-        c = MlflowClient(args.tracking_uri)
-        run = find_trial(c, args)
-        alpha = alpha_of(args.alpha, run)
-        path, notes = export_run(c, run, alpha, out)
+            alpha_of(args.alpha)  # a bad number fails before MLflow is read
+        trial, name, pretrained = find_trial(args.tracking_uri, args.experiment, args.parent_run, args.run_id)
+        alpha = alpha_of(args.alpha, trial)
+        path, notes = export_run(args.tracking_uri, trial, name, pretrained, alpha, out)
     except (ConfigError, ExportError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {path} (trial {notes['trial_id']}, run {notes['run_id']}, WiSE-FT alpha {alpha:g})")
-    if alpha == 0:
-        print("  note: at alpha 0 the trained change is scaled away: this is the base model itself")
-    config_hint = (f"open_clip.add_model_config({str(out)!r}); " if (out / f"{notes['model']}.json").exists() else "")
-    print(f"  load: {config_hint}open_clip.create_model_and_transforms({notes['model']!r}, pretrained={str(path)!r})")
-    if args.log_model or args.register:
-        uri = log_model(args.tracking_uri, run, path, notes["model"], args.register)
-        print(f"  MLflow model: {uri}" + (f" (registered as {args.register!r}; load it with "
-                                           f"mlflow.pytorch.load_model({uri!r}))" if args.register else ""))
+    uri = log_model(args.tracking_uri, trial, path, name, args.register) if args.log_model or args.register else None
+    print("\n".join(described(path, notes, alpha, out, uri, args.register)))
     return 0
+
+
+def described(path: Path, notes: dict, alpha: float, out: Path, uri: str | None, register: str | None) -> list[str]:
+    """What an export wrote and how to load it, in lines."""
+    lines = [f"wrote {path} (trial {notes['trial_id']}, run {notes['run_id']}, WiSE-FT alpha {alpha:g})"]
+    if alpha == 0:
+        lines.append("  note: at alpha 0 the trained change is scaled away: this is the base model itself")
+    config_hint = (f"open_clip.add_model_config({str(out)!r}); " if (out / f"{notes['model']}.json").exists() else "")
+    lines.append(f"  load: {config_hint}open_clip.create_model_and_transforms({notes['model']!r}, "
+                 f"pretrained={str(path)!r})")
+    if uri:
+        lines.append(f"  MLflow model: {uri}" + (f" (registered as {register!r}; load it with "
+                                                 f"mlflow.pytorch.load_model({uri!r}))" if register else ""))
+    return lines
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def config_from_args(args):
                              ("--seeds", "search.replicate_seeds", args.seeds)):
         if value is not None:
             overrides.append((key, value, flag))
-    return (*load_study_config(args.space, overrides), Blame(str(args.space), overrides))
+    return load_study_config(args.space, overrides), Blame(str(args.space), overrides)
 
 
 def _given(value, env: str) -> tuple:
@@ -144,7 +144,7 @@ def _given(value, env: str) -> tuple:
 
 def options_from_args(args):
     """The run's typed options (the one place the argparse namespace is read below ``main``)."""
-    from .orchestration.study import RunOptions
+    from .orchestration.sweep import RunOptions
 
     uri, env = _given(args.tracking_uri, "MLFLOW_TRACKING_URI")
     return RunOptions(output_dir=args.output_dir.resolve(), cache_dir=args.cache_dir.expanduser().absolute(),
@@ -155,15 +155,16 @@ def options_from_args(args):
 
 def checked(args):
     """Everything before the sweep: the config, the preflight, the inputs and the baseline. Raises on bad
-    input; returns ``(config, params, prepared, options)``."""
+    input; returns ``(config, prepared, options)``."""
     from .orchestration.preflight import preflight
     from .orchestration.prepare import prepare
+    from .orchestration.sweep import SweepState
 
-    cfg, params, blame = config_from_args(args)
+    cfg, blame = config_from_args(args)
     opts = options_from_args(args)
-    state = opts.saved_state(cfg.name) if opts.resume else None
+    state = SweepState.load(opts.state_file(cfg.name)) if opts.resume else None
     opts = preflight(cfg, blame, opts, state)
-    return cfg, params, prepare(cfg, opts.cache_dir, params), opts
+    return cfg, prepare(cfg, opts.cache_dir), opts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,29 +183,35 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        cfg, params, prepared, opts = checked(args)
+        cfg, prepared, opts = checked(args)
     except (ConfigError, DataError, ModelError, OSError) as exc:  # each names the file or flag and the field at fault
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("[study] interrupted before the sweep started; nothing was recorded", file=sys.stderr)
         return 130
-    from .orchestration.study import run_study
+    from .orchestration.sweep import run_study
 
-    code = run_study(cfg, params, prepared, opts)
+    code = run_study(cfg, prepared, opts)
     return register_best(args.register, cfg.name, opts) if code == 0 and args.register else code
 
 
 def register_best(name: str, study: str, opts) -> int:
-    """``--register``: the finished sweep's best trial exported and registered (``study.export``); 0, or 1 when
-    that fails (the sweep and its records stand)."""
-    from . import export
+    """``--register``: the finished sweep's best trial exported and registered (:func:`study.export.export_best`);
+    0, or 1 when that fails (the sweep and its records stand)."""
+    from .export import described, export_best
+    from .orchestration.sweep import SweepState
 
-    state = opts.saved_state(study)
+    state, out = SweepState.load(opts.state_file(study)), opts.output_dir / study / "exports"
     print(f"[study] registering the best trial as {name!r}", flush=True)
-    code = export.main(["--tracking-uri", state["tracking_uri"], "--experiment", study, "--parent-run",
-                        state["parent_run_id"], "--out", str(opts.output_dir / study / "exports"), "--register", name])
-    return 0 if code == 0 else 1
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        path, notes, alpha, uri = export_best(state.tracking_uri, study, state.parent_run_id, out, register=name)
+    except Exception as exc:  # noqa: BLE001 - the sweep and its records stand; say why the export did not
+        print(f"error: --register: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(described(path, notes, alpha, out, uri, name)), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ and the report (MLflow runs) rank and word the very same numbers the very same w
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from .vocabulary import GENERAL_TOP1, SPECIALIZED_TOP1
 
@@ -35,6 +35,23 @@ def best_trial(records: Iterable[Record], metric: str = SPECIALIZED_TOP1, mode: 
     if not ranked:
         return None
     return min(ranked, key=lambda r: (-r[0], -r[1], r[2]))[2]
+
+
+def ranked(trials: Sequence, metric: str, mode: str = "max", top: int | None = None) -> list:
+    """``trials`` (objects with ``trial_id`` and ``metrics``: Tune's outcomes or MLflow's records) best first by
+    :func:`best_trial`'s rule, the first ``top`` of them (all when None); those lacking ``metric`` are left out."""
+    left, out = {t.trial_id: t for t in trials}, []
+    while left and (top is None or len(out) < top):
+        tid = best_trial([(i, t.metrics) for i, t in left.items()], metric, mode)
+        if tid is None:
+            break
+        out.append(left.pop(tid))
+    return out
+
+
+def best(trials: Sequence, metric: str, mode: str = "max"):
+    """The best of ``trials`` by ``metric`` (:func:`best_trial`'s rule), or None when none has it."""
+    return next(iter(ranked(trials, metric, mode, top=1)), None)
 
 
 def pareto_front(records: Iterable[Record], x: str = SPECIALIZED_TOP1, y: str = GENERAL_TOP1) -> list[str]:

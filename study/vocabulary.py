@@ -127,6 +127,7 @@ GIT_COMMIT_TAG = "mlflow.source.git.commit"
 SOURCE_TAGS = {"mlflow.source.name": "python -m study.run", "mlflow.source.type": "LOCAL"}
 KIND_TAG = "study.kind"
 TRIAL_TAG = "study.trial_id"
+NUMBER_TAG = "study.trial_number"  # its number in the sweep, as its run name starts (t03)
 STATUS_TAG = "study.status"
 FAILURE_TAG = "study.failure_reason"
 SWEEP_TAG = "study.sweep"

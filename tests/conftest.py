@@ -31,5 +31,5 @@ def smoke_world(smoke_cache):
     from study.orchestration.prepare import prepare
     from study.run import SMOKE_OVERRIDES
 
-    cfg, params = load_study_config(None, SMOKE_OVERRIDES)
-    return cfg, params, prepare(cfg, smoke_cache, params)
+    cfg = load_study_config(None, SMOKE_OVERRIDES)
+    return cfg, prepare(cfg, smoke_cache)

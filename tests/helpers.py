@@ -31,8 +31,22 @@ def log_final_records(c, run_id: str, metrics: dict) -> None:
     """A run's metrics as the study logs them: the top-level ones, and all of them in ``metrics/final.json``."""
     from mlflow.entities import Metric
 
-    from study.orchestration.tracking import log_metric_artifacts
+    from study.tracking import log_metric_artifacts
     from study.vocabulary import top_level
 
     c.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in top_level(metrics).items()])
     log_metric_artifacts(c, run_id, metrics)
+
+
+def log_sweep_config(c, parent_run_id: str, headline: str = "balanced_accuracy", **overrides) -> None:
+    """A sweep's parent run holds its validated config as study.run logs it (``study_config.yaml``): the default
+    space with ``evaluation.headline`` and any dotted ``overrides``; its objective follows the headline."""
+    import yaml
+
+    from study.config import load_study_config
+    from study.tracking import CONFIG_ARTIFACT, log_dict_artifact
+
+    cfg = load_study_config(None, [("evaluation.headline", headline),
+                                   ("search.objective", [{"metric": f"specialized_{headline}", "mode": "max"}]),
+                                   *overrides.items()])
+    log_dict_artifact(c, parent_run_id, None, CONFIG_ARTIFACT, yaml.safe_dump(cfg.model_dump(mode="json")))

@@ -8,12 +8,13 @@ import re
 
 import pandas as pd
 import pytest
-from helpers import log_final_records
+from helpers import log_final_records, log_sweep_config
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from analysis.__main__ import main as analysis_main
 from analysis.records import load_study
+from study.tracking import read_sweep
 
 BASELINE = {"specialized_top1": 0.20, "specialized_balanced_accuracy": 0.20, "general_top1": 0.80,
             "general_balanced_accuracy": 0.80, "specialized_chance_top1": 0.25,
@@ -27,9 +28,8 @@ def _study(tmp_path, trials, experiment="s", parent_status="FINISHED", baseline=
     c = MlflowClient(uri)
     exp = c.create_experiment(experiment, artifact_location=(tmp_path / "art").as_uri())
     parent = c.create_run(exp, tags={"study.kind": "sweep"}).info.run_id
-    if split:
-        c.log_param(parent, "evaluation.headline", headline)
-        c.log_param(parent, "search.objective", f"specialized_{headline}:max")
+    if split:  # as study.run logs it; older sweeps (split=False) predate the logged config
+        log_sweep_config(c, parent, headline)
     base = c.create_run(exp, tags={"mlflow.parentRunId": parent, "study.kind": "baseline"}).info.run_id
     bm = baseline or BASELINE
     bm = {f"{p}/{k}": v for k, v in bm.items() for p in ("val", "test")} if split else bm
@@ -116,7 +116,7 @@ def test_single_trial_study_says_so(tmp_path):
     uri, c, parent = _study(tmp_path, [_trial(1e-3, 4, 0.5, 0, 0.3, 0.7)], parent_status="RUNNING")
     from analysis.report import run_analysis
 
-    report, lines = run_analysis(uri, "s", None, tmp_path / "out")
+    report, lines = run_analysis(read_sweep(uri, "s", None), tmp_path / "out")
     text = " ".join(lines)
     assert "1 finished trial with 1 seed each" in text and "still running" in text
     assert "Too few finished trials" in text and "anecdotal" in text
@@ -137,7 +137,7 @@ def test_wiseft_curves_are_drawn_where_logged(tmp_path):
     assert len(rec.wiseft) == 4 and [a for a, _, _ in rec.wiseft["t0000000"]] == [0.0, 0.5, 1.0]
     from analysis.report import run_analysis
 
-    report, _ = run_analysis(uri, "s", parent, tmp_path / "out")
+    report, _ = run_analysis(read_sweep(uri, "s", parent), tmp_path / "out")
     assert (report.parent / "wiseft_curves.png").stat().st_size > 0
     assert "wiseft_curves.png" in report.read_text()
     # The chosen trial (specialized 40%, general 60%) at the alpha validation chose, 0.5: 30% and 70% on test.
@@ -156,7 +156,7 @@ def test_older_runs_without_some_metrics(tmp_path):
     assert len(rec.trials) == 4 and rec.trials["weight_change_norm"].isna().all() and rec.headline == "top1"
     from analysis.report import run_analysis
 
-    report, lines = run_analysis(uri, "s", parent, tmp_path / "out")
+    report, lines = run_analysis(read_sweep(uri, "s", parent), tmp_path / "out")
     text = " ".join(lines)
     assert "was t0000003" in text and "no paired interval logged" in text and "no reliable gain" in text
 
@@ -184,7 +184,7 @@ def test_imbalanced_collapsed_trial_claims_no_gain_and_chance_is_the_majority_sh
     from analysis.report import run_analysis
     from statsmodels.stats.multitest import multipletests
 
-    _, lines = run_analysis(uri, "s", parent, tmp_path / "out")
+    _, lines = run_analysis(read_sweep(uri, "s", parent), tmp_path / "out")
     text = " ".join(lines)
     best = next(s for s in lines if s.startswith("Specialized top-1"))
     assert "was t0000000" in text and "+9.1 points" in best and ": gain" not in best
@@ -209,7 +209,7 @@ def test_report_names_the_software_and_warns_when_runs_disagree_on_a_version(tmp
         c.set_tag(run.info.run_id, "version.optuna", "5.1.0")
     from analysis.report import run_analysis
 
-    report, lines = run_analysis(uri, "s", None, tmp_path / "out")
+    report, lines = run_analysis(read_sweep(uri, "s", None), tmp_path / "out")
     text = report.read_text()
     assert "Software (the runs' `version.*` tags): torch 2.14.1/2.15.0, optuna 5.1.0." in text
     warned = [s for s in lines if "did not all use the same" in s]

@@ -413,7 +413,7 @@ def test_the_table_covers_every_command_and_at_least_80_kinds():
 def test_max_concurrent_auto_is_accepted_from_the_command_line():
     from study.run import build_parser, config_from_args
 
-    cfg, _, _ = config_from_args(build_parser().parse_args(["--max-concurrent", "auto"]))
+    cfg, _ = config_from_args(build_parser().parse_args(["--max-concurrent", "auto"]))
     assert cfg.search.max_concurrent == "auto"
 
 

@@ -187,7 +187,7 @@ def test_cupl_prompts_must_cover_every_class():
 def test_study_config_names_benchmarks_by_spec_and_rejects_unknown_ones(tmp_path):
     from study.config import ConfigError, load_study_config
 
-    cfg, _ = load_study_config(None, [("data.general", ["shapes", "cifar10"])])
+    cfg = load_study_config(None, [("data.general", ["shapes", "cifar10"])])
     assert [s.name for s in cfg.data.general] == ["shapes", "cifar10"]  # resolved once, typed
     with pytest.raises(ConfigError, match="nope: no such benchmark spec; shipped specs: bloodmnist"):
         load_study_config(None, [("data.general", ["nope"])])
@@ -240,7 +240,7 @@ def test_a_study_scores_each_benchmark_on_disjoint_validation_and_test_parts(tmp
     from study.library.benchmarks import eval_sets
     from study.library.models import load_base_model
 
-    cfg, _ = load_study_config(None, [("data.offline_scale", 0.05)])
+    cfg = load_study_config(None, [("data.offline_scale", 0.05)])
     sets = eval_sets(cfg.data, tmp_path, load_base_model("clip-study-tiny", None).preprocess, validation_share=0.5)
     assert [(s.spec.name, s.split) for s in sets] == [
         ("micrographs", "val"), ("micrographs", "test"), ("micrographs-captions", "val"),

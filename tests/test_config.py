@@ -25,16 +25,19 @@ params:
 
 def test_shipped_spaces_validate():
     for path in sorted(SPACES_DIR.glob("*.yaml")):
-        cfg, params = load_study_config(path)
+        cfg = load_study_config(path)
         assert cfg.search.trials >= 1
-        assert any(isinstance(v, (LogUniform, Categorical)) for v in params.values()), path
+        assert any(isinstance(v, (LogUniform, Categorical)) for v in cfg.space.searched.values()), path
 
 
 def test_default_space_searches_lr_rank_fraction():
-    cfg, params = load_study_config(None)
-    assert isinstance(params["learning_rate"], LogUniform)
-    assert isinstance(params["lora_rank"], Categorical)
-    assert params["data_fraction"].distribution == "uniform"
+    cfg = load_study_config(None)
+    searched, fixed = cfg.space.searched, cfg.space.fixed
+    assert isinstance(searched["learning_rate"], LogUniform)
+    assert isinstance(searched["lora_rank"], Categorical)
+    assert searched["data_fraction"].distribution == "uniform"
+    assert fixed["lora_targets"] == ["attn", "mlp"] and fixed["epochs"] == 8  # typed once, split once
+    assert not fixed.keys() & searched.keys()
     assert cfg.search.objective[0].metric == "specialized_balanced_accuracy"  # the headline, on validation
 
 
@@ -80,10 +83,10 @@ def test_overrides_fix_and_reshape_parameters(tmp_path):
     path = write(tmp_path, BASE)
     overrides = [parse_override("lora_rank=8"), parse_override("search.trials=3"),
                  parse_override("params.learning_rate.high=0.05")]
-    cfg, params = load_study_config(path, overrides)
-    assert params["lora_rank"] == 8
+    cfg = load_study_config(path, overrides)
+    assert cfg.space.fixed["lora_rank"] == 8
     assert cfg.search.trials == 3
-    assert params["learning_rate"].high == pytest.approx(0.05)
+    assert cfg.space.searched["learning_rate"].high == pytest.approx(0.05)
     with pytest.raises(ConfigError, match="params.lora_rank"):
         load_study_config(path, [parse_override("lora_rank=0")])
 
@@ -96,15 +99,13 @@ def test_trial_settings_parse_parts_and_refuse_empty_training():
 
 
 def test_fractional_gpus_pack_trials_and_auto_concurrency_is_accepted():
-    from study.orchestration.trial import SweepContext, scaling_config
-    from study.orchestration.worker import WorkerJob
+    from study.orchestration.runners import TrainRunner, choose_runner, scaling_config
 
-    cfg, _ = load_study_config(None, [("resources.gpus_per_worker", 0.25), ("resources.workers_per_trial", 2),
-                                      ("search.max_concurrent", "auto")])
+    cfg = load_study_config(None, [("resources.gpus_per_worker", 0.25), ("resources.workers_per_trial", 2),
+                                   ("search.max_concurrent", "auto")])
     assert cfg.search.max_concurrent == "auto"
-    job = WorkerJob(settings={}, data=cfg.data, model_name="m", model_pretrained=None, cache_dir="/tmp")
-    sc = scaling_config(SweepContext(job=job, experiment_id="1", parent_run_id="p", train_storage="/tmp",
-                                     workers_per_trial=2, gpus_per_worker=0.25))
+    assert isinstance(choose_runner(cfg.resources), TrainRunner)  # two workers: a Ray Train run
+    sc = scaling_config(cfg.resources)
     assert sc.num_workers == 2 and sc.use_gpu and sc.resources_per_worker == {"CPU": 1, "GPU": 0.25}
     with pytest.raises(ConfigError, match="search.max_concurrent"):
         load_study_config(None, [("search.max_concurrent", 0)])

@@ -14,7 +14,7 @@ import pytest
 
 from helpers import mlflow_runs, run_cli
 
-from analysis.records import run_metrics
+from study.tracking import run_metrics
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ def _fit(ray_local, job: WorkerJob, workers: int, storage) -> dict:
 
 @pytest.mark.parametrize("cached", [False, True], ids=["images", "frozen-prefix-cache"])
 def test_two_gloo_workers_match_one(ray_local, smoke_world, smoke_cache, tmp_path, cached):
-    cfg, _, prepared = smoke_world
+    cfg, prepared = smoke_world
     settings = TrialSettings(learning_rate=3e-3, lora_rank=2, data_fraction=0.5, epochs=1, batch_size=32,
                              tether_weight=0.6, warmup_steps=0)
     job = WorkerJob(settings=settings, data=cfg.data, model_name=cfg.model.name,

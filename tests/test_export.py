@@ -13,7 +13,7 @@ import torch
 
 from helpers import mlflow_runs, run_cli
 
-from analysis.records import run_metrics
+from study.tracking import run_metrics
 
 
 def _lora_model(seed: int = 0):
@@ -85,7 +85,7 @@ def _evaluate_checkpoint(ckpt: Path, cache: Path) -> dict:
     from study.library.zeroshot import evaluate_sets
     from study.run import SMOKE_OVERRIDES
 
-    cfg, _ = load_study_config(None, SMOKE_OVERRIDES)
+    cfg = load_study_config(None, SMOKE_OVERRIDES)
     open_clip.add_model_config(str(ckpt.parent))
     model, _, preprocess = open_clip.create_model_and_transforms("clip-study-tiny", pretrained=str(ckpt),
                                                                  weights_only=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.records import run_metrics
+from study.tracking import run_metrics
 from study.orchestration.ray_address import free_port
 
 pytestmark = pytest.mark.cluster

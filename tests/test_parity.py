@@ -46,7 +46,7 @@ def _loader(s, batch_size=64):
 
 @pytest.mark.parametrize("name,cupl", [("micrographs", False), ("shapes", False), ("shapes", True)])
 def test_same_numbers_as_clip_benchmark(clip_benchmark_zsc, smoke_world, smoke_cache, name, cupl):
-    cfg, _, prepared = smoke_world
+    cfg, prepared = smoke_world
     torch.manual_seed(0)
     lm = load_base_model(cfg.model.name, prepared.model_pretrained)
     spec = load_spec(name)
@@ -68,7 +68,7 @@ def test_same_numbers_as_clip_benchmark(clip_benchmark_zsc, smoke_world, smoke_c
 
 
 def test_evaluate_cli_gives_the_same_numbers(clip_benchmark_zsc, smoke_world, smoke_cache, tmp_path):
-    cfg, _, prepared = smoke_world
+    cfg, prepared = smoke_world
     out = tmp_path / "metrics.json"
     code = evaluate_main(["--model", cfg.model.name, "--pretrained", prepared.model_pretrained,
                           "--benchmark", "shapes", "--benchmark", "micrographs-captions",

@@ -59,7 +59,7 @@ def _study_pieces(smoke_world, smoke_cache: Path):
     from study.library.cache import model_id
     from study.library.finetune import decoded_finetune
 
-    cfg, params, prepared = smoke_world
+    cfg, prepared = smoke_world
     lm = load_base_model(cfg.model.name, prepared.model_pretrained)
     depths = prepared.prefix_depths
     assert depths, "the smoke study runs with the cache"

@@ -10,7 +10,7 @@ import typing
 import pytest
 
 from study.config import SPACES_DIR, SearchSection, load_study_config
-from study.orchestration.tuner import make_sampler, searcher, split_space, tune_space
+from study.orchestration.tuner import make_sampler, searcher, tune_space
 
 SAMPLERS = [n for n in typing.get_args(SearchSection.model_fields["sampler"].annotation) if n != "auto"]
 
@@ -25,7 +25,7 @@ def _config(sampler: str):
 def test_every_sampler_survives_a_pickle_round_trip(name):
     import optuna
 
-    cfg, _ = _config(name)
+    cfg = _config(name)
     directions = ["maximize"] * len(cfg.search.objective)
     study = optuna.create_study(directions=directions, sampler=make_sampler(cfg, seed=3))
 
@@ -50,11 +50,11 @@ def test_a_pareto_searcher_saved_by_tune_resumes_where_it_stopped(tmp_path):
     same next configuration as the one it was saved from."""
     from ray.tune.search.optuna import OptunaSearch
 
-    cfg, params = _config("auto")
+    cfg = _config("auto")
     assert cfg.multi_objective
     live = searcher(cfg, "sweep-test")
     assert type(live._sampler).__name__ == "NSGAIISampler"
-    live.set_search_properties(None, None, tune_space(split_space(params)[1]))
+    live.set_search_properties(None, None, tune_space(cfg.space.searched))
     metrics = live.metric
     for i in range(3):
         assert live.suggest(f"t{i}") is not None

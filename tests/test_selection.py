@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 
 import pytest
-from helpers import log_final_records
+from helpers import log_final_records, log_sweep_config
 from mlflow.tracking import MlflowClient
 
-from study.orchestration.summary import TrialOutcome, format_summary
+from study.orchestration.summary import format_summary
 from study.selection import best_trial, pareto_front
+from study.tracking import log_dict_artifact, read_sweep
 from study.settings import TrialSettings
 
 
@@ -44,38 +45,33 @@ def test_a_tie_gives_the_same_best_trial_in_the_summary_and_in_the_report(tmp_pa
     from analysis.report import run_analysis
     from study.config import load_study_config
 
-    cfg, _ = load_study_config(None, [("name", "tie")])
+    cfg = load_study_config(None, [("name", "tie")])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = MlflowClient(tracking_uri=uri)
     exp = c.create_experiment("tie", artifact_location=(tmp_path / "art").as_uri())
     parent = c.create_run(exp, tags={"study.kind": "sweep"}).info.run_id
-    c.log_param(parent, "evaluation.headline", cfg.evaluation.headline)
-    c.log_param(parent, "search.objective", "specialized_balanced_accuracy:max")
+    log_sweep_config(c, parent, cfg.evaluation.headline)
     baseline = _parts(0.4, 0.8)
     base = c.create_run(exp, tags={"mlflow.parentRunId": parent, "study.kind": "baseline"}).info.run_id
     log_final_records(c, base, baseline)
     c.set_terminated(base)
     trials = {"aaaa0001": (0.5, 0.3), "ffff0002": (0.5, 0.7), "bbbb0003": (0.45, 0.8)}
-    rows = []
     for tid, (spec, gen) in trials.items():
         run = c.create_run(exp, tags={"mlflow.parentRunId": parent, "study.kind": "trial", "study.trial_id": tid,
                                       "study.status": "FINISHED"}).info.run_id
-        metrics = _parts(spec, gen)
-        log_final_records(c, run, metrics)  # as the worker logs a trial's last epoch
-        for k, v in {"learning_rate": 1e-3, "lora_rank": 4, "data_fraction": 1.0, "tether_weight": 0.0,
-                     "seed": 0}.items():
-            c.log_param(run, k, str(v))
+        log_final_records(c, run, _parts(spec, gen))  # as the worker logs a trial's last epoch
+        log_dict_artifact(c, run, TrialSettings().model_dump(), "trial_config.json")
         c.set_terminated(run)
-        rows.append(TrialOutcome(tid, "TERMINATED", TrialSettings(), metrics))
-    summary = format_summary(rows, baseline, cfg, uri, parent)
+    sweep = read_sweep(uri, "tie", parent)
+    summary = format_summary(sweep, cfg, uri)
     named = re.search(r"best trial (\w+)", summary).group(1)
-    report, lines = run_analysis(uri, "tie", parent, tmp_path / "out")
+    report, lines = run_analysis(sweep, tmp_path / "out")
     in_report = re.search(r"was (\w+) \(learning rate", " ".join(lines)).group(1)
     assert named == in_report == "ffff0002"
     assert "ffff0002" in report.read_text()
-    # the same in reverse order of the Tune results
-    summary_rev = format_summary(list(reversed(rows)), baseline, cfg, uri, parent)
-    assert re.search(r"best trial (\w+)", summary_rev).group(1) == "ffff0002"
+    # the same whatever order the runs come in
+    sweep.trials.reverse()
+    assert re.search(r"best trial (\w+)", format_summary(sweep, cfg, uri)).group(1) == "ffff0002"
 
 
 def test_holm_matches_statsmodels_and_verdicts_follow_the_interval():

@@ -32,9 +32,8 @@ from .alignment import unwrap
 from .cache import fingerprint, model_id, store_cache, touch
 from .finetune import FEATURE_COLUMNS
 from .sources import datasets_quiet
-from .store import ARROW, ImageStore, _ArrowRows, is_store
+from .store import ARROW, ImageStore, ArrowRows, is_store
 
-TOWERS = ("image", "text")
 TEXT_MEMO_BYTES = 512 * 2**20  # class-prompt prefixes kept in memory by one evaluator
 
 
@@ -162,7 +161,7 @@ class SuffixEncoder:
         return F.normalize(f, dim=-1) if normalize else f
 
 
-class FeatureStore(_ArrowRows):
+class FeatureStore(ArrowRows):
     """Prefix features on disk, read in batches: ``store[idx]`` gives ``[B, ...]`` of ``column``;
     :meth:`read` gives several columns (``image``, ``text``, ``teacher_image``, ``teacher_text``)."""
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DataSection, ModelSection
-from .benchmarks import eval_sets
+from .benchmarks import load_spec, validation_and_test
 from .cache import fingerprint, save_atomic
 from .images import images_to_tensor
 from .models import OFFLINE_MODEL, load_base_model, model_config
@@ -24,15 +23,21 @@ from .sources import load_source
 from .zeroshot import evaluate_sets
 
 
+# The default study's general benchmark (study.config.DataSection.general), which pretraining scores itself on.
+GENERAL_BENCHMARK = "shapes"
+
+
 @dataclass(frozen=True)
 class PretrainSettings:
-    steps: int = 1500          # optimizer steps over the general domain
-    batch_size: int = 256      # image-caption pairs per step
-    lr: float = 2e-3           # AdamW peak learning rate (cosine decay, linear warmup)
+    """How the offline base model is pretrained; a study's ``model.pretrain`` section gives the first five."""
+
+    steps: int                 # optimizer steps over the general domain
+    batch_size: int            # image-caption pairs per step
+    lr: float                  # AdamW peak learning rate (cosine decay, linear warmup)
+    seed: int                  # seeds the data and the initialisation
+    data_scale: float          # shrink the generated general domain (smoke runs)
     warmup: int = 100          # warmup steps
     weight_decay: float = 0.1
-    seed: int = 0              # seeds the data and the initialisation
-    data_scale: float = 1.0    # shrink the generated general domain (smoke runs)
 
 
 def checkpoint_path(cache_dir: Path, settings: PretrainSettings) -> Path:
@@ -41,12 +46,13 @@ def checkpoint_path(cache_dir: Path, settings: PretrainSettings) -> Path:
     return Path(cache_dir) / "models" / f"{OFFLINE_MODEL}-{key}.pt"
 
 
-def resolve_weights(model: ModelSection, cache_dir: Path) -> str | None:
-    """The weights to load for a study's ``model`` section: its tag or checkpoint path, or for the offline
-    default (``clip-study-tiny`` with no tag) the cached pretrained checkpoint, pretrained first if missing."""
-    if model.name == OFFLINE_MODEL and model.pretrained is None:
-        return str(ensure_pretrained(cache_dir, PretrainSettings(**model.pretrain.model_dump())))
-    return model.pretrained
+def resolve_weights(name: str, pretrained: str | None, cache_dir: Path, settings: PretrainSettings) -> str | None:
+    """The weights to load for model ``name``: its tag or checkpoint path ``pretrained``, or for the offline default
+    (``clip-study-tiny`` with no tag) the cached checkpoint pretrained with ``settings``, pretrained first if
+    missing."""
+    if name == OFFLINE_MODEL and pretrained is None:
+        return str(ensure_pretrained(cache_dir, settings))
+    return pretrained
 
 
 def ensure_pretrained(cache_dir: Path, settings: PretrainSettings) -> Path:
@@ -66,12 +72,11 @@ def pretrain(out_path: Path, cache_dir: Path, s: PretrainSettings) -> dict:
     lm = load_base_model(OFFLINE_MODEL, None, trainable=True)
     model, tok = lm.model, lm.tokenizer
     # The general domain and its benchmark exactly as the default study configures them.
-    data = DataSection(seed=s.seed, offline_scale=s.data_scale).resolved()
-    general = data.specs("general")[0]
+    general = load_spec(GENERAL_BENCHMARK)
     train = load_source(general.source, "train", cache_dir=cache_dir, seed=s.seed, scale=s.data_scale)
     images, _ = images_to_tensor(train, "image", lm.preprocess)
     texts = tok(train["caption"])
-    sets = eval_sets(data, cache_dir, lm.preprocess, roles=("general",))
+    sets = validation_and_test(general, "general", True, cache_dir, lm.preprocess, s.seed, s.data_scale, 0.5)
     print(f"[pretrain] {OFFLINE_MODEL}: {len(images)} pairs, {s.steps} steps of {s.batch_size} "
           f"(one-time, cached at {out_path})", flush=True)
 

@@ -59,7 +59,7 @@ def split_preprocess(preprocess) -> tuple[Callable, Optional[Callable]]:
     return head, tail
 
 
-class _ArrowRows:
+class ArrowRows:
     """A view of some rows of one memory-mapped Arrow file, read in batches in file order; the mapping is
     reopened every ``REMAP_BYTES`` read, so the process's RSS stays bounded over an epoch."""
 
@@ -97,7 +97,7 @@ class _ArrowRows:
         return np.asarray(self._ds.with_format(None).select_columns([name])[self.positions.tolist()][name])
 
 
-class ImageStore(_ArrowRows):
+class ImageStore(ArrowRows):
     """Preprocessed images of one decoded split, read from disk in batches.
 
     ``len(store)``; ``store[i]``, ``store[a:b]`` and ``store[index tensor]`` give float ``[B, 3, H, W]``

@@ -105,18 +105,18 @@ def _cluster_nodes(address: str) -> Optional[list[dict]]:
         ray.shutdown()
 
 
-def preflight(cfg: StudyConfig, blame, opts, state: Optional[dict] = None):
+def preflight(cfg: StudyConfig, blame, opts, state=None):
     """Check the environment of a study (see the module docstring). ``opts`` are the command's
-    ``RunOptions``; ``blame(field)`` names the file or flag that set a field; ``state`` the saved state of the sweep ``--resume`` continues (its tracking URI is the
-    default). Returns ``opts`` with the tracking URI checked and absolute; a SQLite ``search.optuna_storage``
-    is made absolute in ``cfg``."""
+    ``RunOptions``; ``blame(field)`` names the file or flag that set a field; ``state`` the saved
+    ``SweepState`` of the sweep ``--resume`` continues (its tracking URI is the default). Returns ``opts`` with
+    the tracking URI checked and absolute; a SQLite ``search.optuna_storage`` is made absolute in ``cfg``."""
     check_folder(opts.output_dir, "--output-dir")
     check_folder(opts.cache_dir, "--cache-dir")
     if opts.storage_path:
         storage_path(opts.storage_path)
     if opts.address:
         check_address(opts.address)
-    given = opts.tracking_uri or (state or {}).get("tracking_uri")
+    given = opts.tracking_uri or (state.tracking_uri if state else None)
     uri = tracking_uri(given, opts.tracking_flag if opts.tracking_uri else "--tracking-uri")
     if cfg.search.optuna_storage:
         cfg.search.optuna_storage = optuna_storage(cfg.search.optuna_storage,

@@ -20,9 +20,7 @@ from ..library.contamination import check_overlap
 from ..library.finetune import decoded_finetune, finetune_captions, load_finetune_split
 from ..library.models import check_model, load_base_model
 from ..library.prefix import SuffixEncoder, finetune_features, prefix_depths, prefix_sets, tower_depths, unsupported
-from ..library.pretrain import resolve_weights
 from ..library.zeroshot import evaluate_sets
-from ..settings import TrialSettings
 
 
 @dataclass
@@ -46,13 +44,13 @@ def check_inputs(cfg: StudyConfig, cache_dir: Path) -> int:
     return len(ds)
 
 
-def prepare(cfg: StudyConfig, cache_dir: Path, params: Optional[dict] = None) -> Prepared:
-    """Check inputs, resolve the base model, build the frozen-prefix feature stores (for the validated search
-    space ``params``) and evaluate the base model (the baseline) on every benchmark."""
+def prepare(cfg: StudyConfig, cache_dir: Path) -> Prepared:
+    """Check inputs, resolve the base model, build the frozen-prefix feature stores (for ``cfg.space``) and
+    evaluate the base model (the baseline) on every benchmark."""
     t0 = time.time()
     check_model(cfg.model.name, cfg.model.pretrained)
     check_inputs(cfg, cache_dir)
-    pretrained = resolve_weights(cfg.model, cache_dir)
+    pretrained = cfg.model.weights(cache_dir)
     torch.manual_seed(0)
     lm = load_base_model(cfg.model.name, pretrained)  # weights that do not fit the architecture stop us here
     ft = decoded_finetune(cfg.data.finetune, cfg.data, cache_dir, lm.preprocess)  # undecodable images stop us here
@@ -66,7 +64,7 @@ def prepare(cfg: StudyConfig, cache_dir: Path, params: Optional[dict] = None) ->
     print(data_line(ft, sets, overlap, cfg.data.max_overlap), flush=True)
     for folder in (store_cache(cache_dir), Path(cache_dir) / "hf"):  # decoded stores; datasets' builds of local data
         prune(folder, int(cfg.data.cache_max_gb * 2**30))
-    depths = prefix_plan(cfg, params if params is not None else cfg.params, lm.model)
+    depths = prefix_plan(cfg, lm.model)
     model = lm.model
     if depths:  # once per study; the baseline then runs the same suffix as every trial (WiSE-FT's alpha 0 agrees)
         finetune_features(lm, model_id(cfg.model.name, pretrained), depths, ft["store"], lm.tokenizer(ft["captions"]),
@@ -80,7 +78,7 @@ def prepare(cfg: StudyConfig, cache_dir: Path, params: Optional[dict] = None) ->
                     transfer_kind(ft["classnames"], sets), depths)
 
 
-def prefix_plan(cfg: StudyConfig, params: dict, clip) -> Optional[dict]:
+def prefix_plan(cfg: StudyConfig, clip) -> Optional[dict]:
     """Blocks per tower that no trial of the search space trains (see :mod:`study.library.prefix`), or None
     when ``resources.frozen_prefix_cache`` is off or the model does not qualify (said in one line)."""
     if not cfg.resources.frozen_prefix_cache:
@@ -88,25 +86,13 @@ def prefix_plan(cfg: StudyConfig, params: dict, clip) -> Optional[dict]:
     if why := unsupported(clip):
         print(f"[study] frozen-prefix cache off: {why}", flush=True)
         return None
-    default = TrialSettings()
-    blocks = max(int(v) for v in knob_values(params.get("lora_blocks", default.lora_blocks)))
-    towers = {t for v in knob_values(params.get("lora_towers", default.lora_towers)) for t in str(v).split("+")}
-    depths = prefix_depths(clip, blocks, towers)
+    blocks = max(int(v) for v in cfg.space.values("lora_blocks"))
+    depths = prefix_depths(clip, blocks, set(cfg.space.values("lora_towers")))
     total = tower_depths(clip)
     print("[study] frozen-prefix cache: the first " + " and ".join(f"{d} of {total[t]} blocks of the {t} tower"
                                                                    for t, d in depths.items())
           + " run once per study; trials run the rest (resources.frozen_prefix_cache)", flush=True)
     return depths
-
-
-def knob_values(value) -> list:
-    """Every value a knob can take: a fixed value (a list knob's items), a categorical's choices, or an
-    integer range's ends."""
-    if hasattr(value, "choices"):
-        return [x for c in value.choices for x in knob_values(c)]
-    if hasattr(value, "high"):
-        return [value.low, value.high]
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def data_line(ft: dict, sets, overlap: dict, max_overlap: int) -> str:

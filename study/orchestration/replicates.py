@@ -10,31 +10,26 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from ..selection import best_trial
+from ..config import SearchSpace
+from ..selection import ranked
 from ..vocabulary import DONE, REPLICATED, TEST, key
-from .summary import TrialOutcome, records
 from .trial import REPLICATE_OF, tune_config
+from .tuner import TrialOutcome
 
 
 def pick_best(rows: list[TrialOutcome], metric: str, mode: str, top: int | None) -> list[TrialOutcome]:
-    """The ``top`` finished trials by ``metric`` (all of them when ``top`` is None), best first, ranked by
-    :func:`study.selection.best_trial`'s rule (ties included)."""
-    left, out = records(rows), []
-    while left and (top is None or len(out) < top):
-        tid = best_trial(left, metric, mode)
-        if tid is None:
-            break
-        out.append(next(r for r in rows if r.trial_id == tid))
-        left = [rec for rec in left if rec[0] != tid]
-    return out
+    """The ``top`` trials that ran to their last epoch by ``metric`` (all of them when ``top`` is None), best first
+    (:func:`study.selection.ranked`, the one rule)."""
+    return ranked([r for r in rows if r.status == DONE and key(TEST, "specialized_top1") in r.metrics], metric, mode,
+                  top)
 
 
-def replicate_configs(best: list[TrialOutcome], seeds: int, fixed: dict) -> list[dict]:
-    """One Tune config per extra seed of each chosen trial (``fixed`` knobs left to the context), tagged
+def replicate_configs(best: list[TrialOutcome], seeds: int, space: SearchSpace) -> list[dict]:
+    """One Tune config per extra seed of each chosen trial (the space's fixed knobs left to the context), tagged
     with the trial it replicates."""
     out = []
     for r in best:
-        config = tune_config(r.settings, fixed)
+        config = tune_config(r.settings, space)
         out += [{**config, "seed": r.settings.seed + k, REPLICATE_OF: r.trial_id} for k in range(1, seeds)]
     return out
 

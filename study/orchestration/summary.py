@@ -1,97 +1,68 @@
-"""The plain answer printed at the end of a sweep, from Tune's results (the report reads MLflow instead;
-both choose, correct and word with :mod:`study.selection`).
+"""The plain answer printed at the end of a sweep, from the sweep as MLflow holds it (:func:`study.tracking.read_sweep`,
+the same read the report makes), so the summary and the report choose, correct and word the same numbers.
 
-The best trial is chosen on the validation part of the benchmarks; every number
-printed for it is measured on the test part.
+The best trial is chosen on the validation part of the benchmarks; every number printed for it is measured on
+the test part.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Optional
 
 from ..config import StudyConfig
-from ..selection import best_trial, pareto_front, verdict
-from ..settings import TrialSettings
-from ..vocabulary import (DONE, ERROR, GENERAL_TOP1, SPECIALIZED_TOP1, TEST, VAL, WISEFT_BEST, WISEFT_BEST_ALPHA,
-                          headline, key, metric_words, wiseft_curve)
+from ..selection import pareto_front, verdict
+from ..tracking import SweepRecord, TrialRecord
+from ..vocabulary import (EARLY_STOPPED, FAILED, FINISHED, GENERAL_TOP1, ORPHANED, SPECIALIZED_TOP1, TEST,
+                          TRANSFER_NOTE_TAG, VAL, WISEFT_BEST, WISEFT_BEST_ALPHA, headline, key, metric_words,
+                          wiseft_curve)
 
 
-@dataclass
-class TrialOutcome:
-    """A Tune trial as the study sees it once the sweep returns."""
-
-    trial_id: str
-    status: str  # vocabulary.DONE, ERROR or UNFINISHED
-    settings: Optional[TrialSettings]
-    metrics: dict
-    error: str = ""
-    replicate_of: Optional[str] = None  # for a seed replicate: the sweep trial it reruns
-    config: dict = field(default_factory=dict)  # the knob values Tune sampled for it (searched knobs only)
-    number: Optional[int] = None  # its number in the sweep, as its MLflow run's name starts (t03)
-
-    @property
-    def label(self) -> str:
-        return trial_label(self.number, self.trial_id, self.replicate_of is not None)
-
-
-def trial_label(number: Optional[int], trial_id: str, replicate: bool = False) -> str:
-    """How the console names a trial, after its MLflow run: ``t03 5d43d97f`` (``rep 5d43d97f`` for a seed
-    replicate; the bare id when Tune gave no count)."""
-    return f"rep {trial_id}" if replicate else f"t{number:02d} {trial_id}" if number is not None else trial_id
-
-
-def records(rows: list[TrialOutcome]) -> list[tuple[str, dict]]:
-    """The trials that ran to their last epoch (so have test numbers) as ``(trial_id, metrics)`` records for
-    :mod:`study.selection`; trials the scheduler stopped early are not candidates."""
-    return [(r.trial_id, r.metrics) for r in rows if r.status == DONE and key(TEST, SPECIALIZED_TOP1) in r.metrics]
-
-
-def choose(rows: list[TrialOutcome], cfg: StudyConfig) -> Optional[TrialOutcome]:
-    """The best finished trial by the first objective on the validation part (the one rule)."""
-    first = cfg.search.objective[0]
-    tid = best_trial(records(rows), key(VAL, first.metric), first.mode)
-    return next((r for r in rows if r.trial_id == tid), None)
-
-
-def failure_counts(failed: list[TrialOutcome]) -> str:
-    """``"2 x NonFiniteLossError: loss became nan; 1 x OutOfMemoryError: ..."``, most frequent first."""
+def failure_counts(failed) -> str:
+    """``"2 x NonFiniteLossError: loss became nan; 1 x OutOfMemoryError: ..."``, most frequent first (``failed``:
+    objects with an ``error``)."""
     return "; ".join(f"{n} x {reason or 'unknown'}" for reason, n in Counter(r.error for r in failed).most_common())
 
 
-def format_summary(rows: list[TrialOutcome], baseline: dict, cfg: StudyConfig, tracking_uri: str,
-                   parent_run_id: str, extra: list[str] = (), adjusted: dict | None = None, transfer: str = "",
-                   experiment_id: str | None = None) -> str:
-    """The end-of-run answer; ``adjusted``: Holm-adjusted p-values by trial id; ``extra`` lines (e.g. the seed
-    replicates) go before the MLflow pointers; ``transfer``: why the study is in-distribution transfer, if it is;
-    ``experiment_id``: for the link to the experiment's runs in the MLflow UI."""
-    done = [r for r in rows if r.status == DONE]
-    failed = [r for r in rows if r.status == ERROR]
-    first = cfg.search.objective[0]
+def counts(sweep: SweepRecord) -> tuple[list[TrialRecord], list[TrialRecord], int]:
+    """The sweep's trials that ended (finished, or stopped early by the scheduler), those that failed, and how many
+    are neither (cut off); orphaned runs (trials Tune never recorded) are not the sweep's trials."""
+    trials = [t for t in sweep.trials if t.status != ORPHANED]
+    done = [t for t in trials if t.status in (FINISHED, EARLY_STOPPED)]
+    failed = [t for t in trials if t.status == FAILED]
+    return done, failed, len(trials) - len(done) - len(failed)
+
+
+def format_summary(sweep: SweepRecord, cfg: StudyConfig, tracking_uri: str, extra: list[str] = ()) -> str:
+    """The end-of-run answer for ``sweep`` (``cfg``: its config, for the objectives and thresholds); ``extra``
+    lines (e.g. the seed replicates) go before the MLflow pointers."""
+    done, failed, unfinished = counts(sweep)
+    first, baseline = cfg.search.objective[0], sweep.baseline
     lines = ["", "=" * 72, "Study summary", "=" * 72,
-             f"trials: {len(done)} finished, {len(failed)} failed, {len(rows) - len(done) - len(failed)} unfinished",
+             f"trials: {len(done)} finished, {len(failed)} failed, {unfinished} unfinished",
              f"chosen on validation ({first.metric}, {first.mode}); every number below is on the test part"]
     lines += [f"  failed {r.label}: {r.error}" for r in failed]
     lines += [f"failure reasons: {failure_counts(failed)}"] if failed else []
+    transfer = sweep.tags.get(TRANSFER_NOTE_TAG, "")
     lines += [f"NOTE: {transfer}"] if transfer else []
     lines += baseline_lines(baseline)
     collapsed = [r.trial_id for r in done if r.metrics.get(key(TEST, "specialized_collapsed"), 0) >= 1]
     if collapsed:
         lines.append(f"COLLAPSED ({len(collapsed)} of {len(done)}): one class for >= {cfg.evaluation.collapse_share:.0%} "
                      f"of the specialized test images: {', '.join(collapsed)}")
-    best = choose(rows, cfg)
+    best = sweep.best()
     if best is None:
         lines.append("no trial finished, so there is no fine-tuned result to compare.")
     else:
-        lines += best_lines(best, baseline, cfg.evaluation.headline, (adjusted or {}).get(best.trial_id),
-                            len(adjusted or {}))
+        holm = key(TEST, "specialized_mcnemar_p_holm")
+        lines += best_lines(best, baseline, cfg.evaluation.headline, best.metrics.get(holm),
+                            sum(holm in t.metrics for t in done))
         if cfg.multi_objective:
-            lines += front_lines(rows, baseline, cfg)
+            lines += front_lines(sweep, cfg)
     local = tracking_uri.startswith("sqlite:")
-    page = runs_page("http://127.0.0.1:5000" if local else tracking_uri, experiment_id)
+    page = runs_page("http://127.0.0.1:5000" if local else tracking_uri, sweep.experiment_id)
     ui = f"mlflow ui --backend-store-uri {tracking_uri}, then open {page}" if local else f"open {page}"
-    lines += [*extra, f"MLflow experiment {cfg.name!r}, parent run {parent_run_id}", f"  to browse: {ui}", "=" * 72]
+    lines += [*extra, f"MLflow experiment {cfg.name!r}, parent run {sweep.parent_run_id}", f"  to browse: {ui}",
+              "=" * 72]
     return "\n".join(lines)
 
 
@@ -103,14 +74,13 @@ def runs_page(server: str, experiment_id: str | None) -> str:
     return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
-def headline_metrics(rows: list[TrialOutcome], baseline: dict, cfg: StudyConfig) -> dict[str, float]:
+def headline_metrics(sweep: SweepRecord, cfg: StudyConfig) -> dict[str, float]:
     """The sweep's headline numbers for its parent run (test part, fractions): trials finished, failed and
     unfinished; the baseline's and the best trial's headline metric per role, and the best trial's change
     against the baseline with its paired 95% CI (``best/test/specialized_balanced_accuracy_gain_ci_low`` ...)."""
-    done = [r for r in rows if r.status == DONE]
-    failed = sum(r.status == ERROR for r in rows)
-    out = {"trials_finished": len(done), "trials_failed": failed, "trials_unfinished": len(rows) - len(done) - failed}
-    best = choose(rows, cfg)
+    done, failed, unfinished = counts(sweep)
+    out = {"trials_finished": len(done), "trials_failed": len(failed), "trials_unfinished": unfinished}
+    best, baseline = sweep.best(), sweep.baseline
     for role in ("specialized", "general"):
         metric = key(TEST, headline(role, cfg.evaluation.headline))
         if metric in baseline:
@@ -137,7 +107,7 @@ def baseline_lines(baseline: dict) -> list[str]:
     return lines
 
 
-def best_lines(best: TrialOutcome, baseline: dict, head: str, p_adjusted: float | None, n_trials: int) -> list[str]:
+def best_lines(best: TrialRecord, baseline: dict, head: str, p_adjusted: float | None, n_trials: int) -> list[str]:
     """The chosen trial's test numbers: headline with its paired interval and verdict, top-1 beside it,
     the collapse flag, the corrected p-value, knobs and the WiSE-FT choice."""
     m = best.metrics
@@ -177,15 +147,17 @@ def change_line(m: dict, baseline: dict, role: str, head: str) -> str:
             f" points)")
 
 
-def front_lines(rows: list[TrialOutcome], baseline: dict, cfg: StudyConfig) -> list[str]:
+def front_lines(sweep: SweepRecord, cfg: StudyConfig) -> list[str]:
     """The Pareto front of the search's first two objectives on validation (what Optuna's multi-objective
     sampler searched), best first objective first; then each metric on test, and its change against the
     baseline where the baseline has it."""
-    objectives = cfg.search.objective[:2]
+    objectives, baseline = cfg.search.objective[:2], sweep.baseline
     sign = {o.metric: 1.0 if o.mode == "max" else -1.0 for o in objectives}  # pareto_front maximises both
-    recs = [(t, {k: sign[k] * m[key(VAL, k)] for k in sign if key(VAL, k) in m}) for t, m in records(rows)]
+    done = [t for t in sweep.trials if t.complete]
+    recs = [(t.trial_id, {k: sign[k] * t.metrics[key(VAL, k)] for k in sign if key(VAL, k) in t.metrics})
+            for t in done]
     x, y = (o.metric for o in objectives)
-    by_id = {r.trial_id: r for r in rows}
+    by_id = {t.trial_id: t for t in done}
     front = sorted((by_id[t] for t in pareto_front(recs, x, y)), key=lambda r: -sign[x] * r.metrics[key(VAL, x)])
     lines = [f"Pareto front (validation, {x} {objectives[0].mode} vs {y} {objectives[1].mode}: the search's "
              f"objectives): {len(front)} trials; on test:"]

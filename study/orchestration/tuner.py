@@ -1,4 +1,4 @@
-"""Ray Tune + Optuna: the search space, the searcher, the scheduler, and running a sweep.
+"""Ray Tune + Optuna: the search space, the searcher, the scheduler, running a sweep, and its results.
 
 The project's Tune wiring lives here and in :mod:`.trial`; every non-obvious
 setting carries a one-line reason.
@@ -10,26 +10,39 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from ..config import Categorical, IntRange, LogUniform, QUniform, StudyConfig, Uniform
+from ..config import Categorical, IntRange, LogUniform, QUniform, SearchSpace, StudyConfig, Uniform
 from ..settings import TrialSettings
+from ..tracking import trial_label
 from ..vocabulary import DONE, ERROR, GENERAL_TOP1, SPECIALIZED_TOP1, TEST, TRAIN_METRICS, UNFINISHED, VAL, key
-from .summary import TrialOutcome, trial_label
-from .trial import (REPLICATE_GRID, REPLICATE_OF, SweepContext, driver_trainable, failure_reason, number_in,
-                    trial_settings, tune_failures)
+from .trial import REPLICATE_GRID, SweepContext, driver_trainable, failure_reason, number_in, unpack
 
 
-def split_space(params: dict) -> tuple[dict[str, Any], dict[str, BaseModel]]:
-    """``(fixed values, searched distributions)`` of a validated search space."""
-    fixed = {k: v for k, v in params.items() if not isinstance(v, BaseModel)}
-    return fixed, {k: v for k, v in params.items() if isinstance(v, BaseModel)}
+@dataclass
+class TrialOutcome:
+    """A Tune trial as the sweep sees it once Tune returns (:func:`collect`)."""
+
+    trial_id: str
+    status: str  # vocabulary.DONE, ERROR or UNFINISHED
+    settings: Optional[TrialSettings]
+    metrics: dict
+    error: str = ""
+    replicate_of: Optional[str] = None  # for a seed replicate: the sweep trial it reruns
+    config: dict = field(default_factory=dict)  # the knob values Tune sampled for it (searched knobs only)
+    number: Optional[int] = None  # its number in the sweep, as its MLflow run's name starts (t03)
+
+    @property
+    def label(self) -> str:
+        return trial_label(self.number, self.trial_id, self.replicate_of is not None)
 
 
-def tune_space(searched: dict[str, BaseModel]) -> dict:
-    """Ray Tune sampling primitives for the searched knobs (fixed ones travel typed, in the context)."""
+def tune_space(searched: dict) -> dict:
+    """Ray Tune sampling primitives for the searched knobs (``SearchSpace.searched``; the fixed ones travel typed,
+    in the trials' context)."""
     from ray import tune
 
     out: dict[str, Any] = {}
@@ -91,8 +104,7 @@ def progress_callback(offset: int = 0):
 def label(trial, offset: int = 0) -> str:
     """A Tune ``Trial`` named as its MLflow run is (``t03 <id>``, ``rep <id>``): Tune's count leads its
     ``experiment_tag``."""
-    config = trial.config or {}
-    replicate = REPLICATE_OF in config.get(REPLICATE_GRID, config)
+    replicate = unpack(trial.config or {})[1] is not None
     return trial_label(number_in(trial.experiment_tag or "", trial.trial_id, offset), trial.trial_id, replicate)
 
 
@@ -104,11 +116,11 @@ def trial_table(trials, ended: dict | None = None, offset: int = 0) -> str:
     status = {t.trial_id: (ended or {}).get(t.trial_id, t.status) for t in trials}
     counts = Counter(status.values())
     lines = ["[study] trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())),
-             f"  {'trial':<14}{'status':<12}{'epoch':>6}{'val spec.':>11}{'val gen.':>10}{'loss':>8}"]
+             f"  {'trial':<16}{'status':<12}{'epoch':>6}{'val spec.':>11}{'val gen.':>10}{'loss':>8}"]
     for t in trials:
         r = t.last_result or {}
         spec, gen = r.get(key(VAL, SPECIALIZED_TOP1)), r.get(key(VAL, GENERAL_TOP1))
-        lines.append(f"  {label(t, offset):<14}{status[t.trial_id]:<12}{r.get('epoch', '-')!s:>6}"
+        lines.append(f"  {label(t, offset):<16}{status[t.trial_id]:<12}{r.get('epoch', '-')!s:>6}"
                      f"{'-' if spec is None else f'{spec:.1%}':>11}{'-' if gen is None else f'{gen:.1%}':>10}"
                      f"{'-' if 'train_loss' not in r else format(r['train_loss'], '.3f'):>8}")
     return "\n".join(lines)
@@ -186,7 +198,7 @@ def picklable(sampler):
     return sampler
 
 
-def make_tuner(cfg: StudyConfig, params: dict, context: SweepContext, storage: str, name: str, resume: bool,
+def make_tuner(cfg: StudyConfig, context: SweepContext, storage: str, name: str, resume: bool,
                samples: int | None = None, seen: list[TrialOutcome] = ()):
     """A new ``Tuner`` for (a part of) the sweep, or the restored one when ``resume`` is set. ``samples``:
     trials in this part (default ``search.trials``); ``seen``: the earlier parts' trials (see :func:`searcher`)."""
@@ -197,27 +209,20 @@ def make_tuner(cfg: StudyConfig, params: dict, context: SweepContext, storage: s
         return tune.Tuner.restore(sweep_path(storage, name), trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False)
     tune_config = tune.TuneConfig(search_alg=searcher(cfg, name, seen), num_samples=samples or cfg.search.trials,
-                                  reuse_actors=reuse_actors(context),
-                                  max_concurrent_trials=concurrency(cfg), scheduler=early_stopping(cfg, params))
-    return tune.Tuner(trainable, param_space=tune_space(split_space(params)[1]), tune_config=tune_config,
+                                  reuse_actors=context.runner.reuse_actors,
+                                  max_concurrent_trials=concurrency(cfg), scheduler=early_stopping(cfg))
+    return tune.Tuner(trainable, param_space=tune_space(cfg.space.searched), tune_config=tune_config,
                       run_config=run_config(name, storage, context))
-
-
-def reuse_actors(context: SweepContext) -> bool:
-    """Trials that train in Tune reuse their process (already imported torch, open_clip and peft; the model
-    files are warm). A trial that runs Ray Train does not: a stopped trial's actor must be terminated, and with
-    it the Train controller and the workers it owns; a reused actor would keep them (and their CPUs/GPUs)."""
-    return context.job.runner == "tune"
 
 
 def run_config(name: str, storage: str, context: SweepContext):
     """Tune's RunConfig: state under ``<storage>/<name>``, our progress lines, and Tune's retries of a failed
-    trial (:func:`trial.tune_failures`: none when its Train run already retried lost workers)."""
+    trial (the runner's: none when its Train run already retried lost workers)."""
     from ray import tune
 
     return tune.RunConfig(name=name, storage_path=storage, verbose=0,
                           callbacks=[progress_callback(context.trial_offset)],
-                          failure_config=tune.FailureConfig(max_failures=tune_failures(context)))
+                          failure_config=tune.FailureConfig(max_failures=context.runner.retries(context.resources)))
 
 
 def concurrency(cfg: StudyConfig) -> int:
@@ -238,15 +243,7 @@ def concurrency(cfg: StudyConfig) -> int:
     return fits
 
 
-def max_epochs(params: dict) -> int:
-    """The most epochs any trial of the validated space can run (ASHA's ``max_t``)."""
-    e = params.get("epochs", TrialSettings().epochs)
-    if isinstance(e, Categorical):
-        return int(max(e.choices))
-    return int(getattr(e, "high", e))
-
-
-def early_stopping(cfg: StudyConfig, params: dict):
+def early_stopping(cfg: StudyConfig):
     """ASHA over epochs, on the first objective unless ``early_stopping.metric`` says otherwise."""
     es = cfg.search.early_stopping
     if es is None:
@@ -259,7 +256,7 @@ def early_stopping(cfg: StudyConfig, params: dict):
     metric = metric if metric in TRAIN_METRICS else key(VAL, metric)
     # Rungs lie below the last epoch; a trial writes all its final records before its last report, so
     # ASHA's stop at max_t loses nothing.
-    return ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=max_epochs(params),
+    return ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=int(max(cfg.space.values("epochs"))),
                          grace_period=es.grace_period, reduction_factor=es.reduction_factor)
 
 
@@ -274,7 +271,7 @@ def make_replicate_tuner(configs: list[dict], context: SweepContext, storage: st
                                   resume_errored=False)
     return tune.Tuner(trainable, param_space={REPLICATE_GRID: tune.grid_search(configs)},
                       tune_config=tune.TuneConfig(max_concurrent_trials=concurrency(cfg),
-                                                  reuse_actors=reuse_actors(context)),
+                                                  reuse_actors=context.runner.reuse_actors),
                       run_config=run_config(name, storage, context))
 
 
@@ -329,24 +326,27 @@ def term_as_interrupt(signum, frame) -> None:
     os.kill(os.getpid(), signal.SIGINT)
 
 
-def collect(results, fixed: dict, interrupted: bool = False, offset: int = 0) -> list[TrialOutcome]:
-    """Tune's results as typed :class:`TrialOutcome` rows; the trial id is Tune's own (``Result.metrics``
-    always carries it, reported or not). After an interruption (see :func:`run_sweep`) a trial without its last
-    epoch's test numbers is UNFINISHED, which ``--resume`` continues."""
+def collect(results, terminated: int, space: SearchSpace, interrupted: bool = False,
+            offset: int = 0) -> list[TrialOutcome]:
+    """Tune's results (``Result`` objects; ``terminated``: how many trials Tune finished) as typed
+    :class:`TrialOutcome` rows; the trial id is Tune's own (``Result.metrics`` always carries it, reported or not).
+    After an interruption (see :func:`run_sweep`) a trial without its last epoch's test numbers is UNFINISHED,
+    which ``--resume`` continues. ``offset``: the sweep's earlier parts' trials, for the numbers."""
     rows = []
     for r in results:
         metrics = dict(r.metrics or {})
         # DONE: ran and reported (the scheduler may have stopped it early, then it has no test numbers)
         status = ERROR if r.error else (DONE if key(VAL, SPECIALIZED_TOP1) in metrics else UNFINISHED)
+        config = dict(r.config or {})
+        sampled, replicate_of = unpack(config)
         try:
-            settings, replicate_of = trial_settings(dict(r.config or {}), fixed)
+            settings = space.settings(sampled)
         except ValidationError:
             settings, replicate_of = None, None
         number = number_in(os.path.basename(str(r.path or "")), metrics["trial_id"], offset)
         rows.append(TrialOutcome(metrics["trial_id"], status, settings, metrics,
-                                 failure_reason(r.error) if r.error else "", replicate_of, dict(r.config or {}),
-                                 number))
-    if interrupted or sum(r.status == DONE for r in rows) > results.num_terminated:
+                                 failure_reason(r.error) if r.error else "", replicate_of, config, number))
+    if interrupted or sum(r.status == DONE for r in rows) > terminated:
         # An interruption: Tune finished fewer trials than reported epochs. The ones without their last
         # epoch's test numbers were cut off, not stopped by the scheduler; --resume continues them.
         for r in rows:

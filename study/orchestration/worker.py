@@ -1,11 +1,11 @@
-"""The per-worker fine-tuning loop that every Ray Train worker runs, in named steps.
+"""The per-worker fine-tuning loop, in named steps, run by each Ray Train worker or by the Tune trial itself.
 
-:func:`train_fn_per_worker` reads as the story of a trial: :func:`setup` (base
-model, data, tether targets, the alignment module, optimizer), :func:`restore`
-(from the last checkpoint, after a lost worker or node), then per epoch
-:func:`train_epoch`, :func:`evaluate` (rank 0), :func:`record` (MLflow) and
-:func:`checkpoint_and_report`. A run restored from its last epoch's checkpoint has nothing left to train
-and :func:`report_restored` passes that epoch's result on again.
+:func:`run_worker` reads as the story of a trial: :func:`setup` (base model, data, tether targets, the
+alignment module, optimizer), :func:`restore` (from the last checkpoint, after a lost worker or node), then
+per epoch :func:`train_epoch`, :func:`evaluate` (rank 0) and :func:`checkpoint_and_report` (MLflow, then the
+checkpoint and the report to the session: :class:`TrainSession` or :class:`TuneSession`). A run restored
+from its last epoch's checkpoint has nothing left to train and :func:`report_restored` passes that epoch's
+result on again.
 
 Data order is global: each step takes one global batch from a seeded
 permutation and worker ``r`` of ``W`` takes rows ``r::W`` of it. Features are
@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -42,7 +42,7 @@ from ..library.zeroshot import evaluate_sets
 from ..settings import TrialSettings
 from ..vocabulary import VAL, changes
 
-__all__ = ["WorkerJob", "NonFiniteLossError", "train_fn_per_worker", "run_worker"]
+__all__ = ["WorkerJob", "NonFiniteLossError", "train_fn_per_worker", "run_worker", "TrainSession", "TuneSession"]
 
 
 class WorkerJob(BaseModel):
@@ -64,9 +64,6 @@ class WorkerJob(BaseModel):
     # Blocks per tower that no trial trains, served from the study's frozen-prefix feature stores
     # (study.library.prefix); None runs every trial on images.
     prefix_depths: Optional[dict[str, int]] = None
-    # "train": a Ray Train worker (report, checkpoints and context through ray.train); "tune": the trial's one
-    # worker runs in the Tune trial's own process (ray.tune), see study.orchestration.trial.
-    runner: Literal["train", "tune"] = "train"
 
 
 @dataclass
@@ -98,7 +95,7 @@ class Worker:
     depths: Optional[dict] = None  # frozen-prefix blocks per tower, when the cache serves this trial
     net: Any = None               # what a training step calls: model, or SuffixCLIP(model); DDP-wrapped if world > 1
     memo: dict = field(default_factory=dict)  # class-prompt text prefixes, shared by every evaluation
-    session: Any = None           # where it reports (a Session)
+    session: Any = None           # where it reports (a TrainSession or TuneSession)
     confusions: dict = field(default_factory=dict)  # the latest detailed evaluation's, by benchmark part
 
     @property
@@ -109,19 +106,18 @@ class Worker:
 def train_fn_per_worker(config: dict) -> None:
     """Ray Train entry point: ``config["job"]`` is the trial's :class:`WorkerJob`. Fine-tunes the alignment
     module, evaluating, recording, checkpointing and reporting after every epoch (see :func:`run_worker`)."""
-    run_worker(job_of(config), time.time())
+    run_worker(job_of(config), TrainSession(), time.time())
 
 
-def run_worker(job: WorkerJob, started: float) -> None:
-    """The worker loop, in a Ray Train worker (``job.runner == "train"``) or in the Tune trial itself
-    (``"tune"``, one worker): setup, resume from the last checkpoint, then per epoch train, evaluate (rank 0),
-    record in MLflow and report with a checkpoint.
+def run_worker(job: WorkerJob, session, started: float) -> None:
+    """The worker loop, in a Ray Train worker or in the Tune trial itself (one worker), as ``session`` (a
+    :class:`TrainSession` or :class:`TuneSession`) reports: setup, resume from the last checkpoint, then per
+    epoch train, evaluate (rank 0), record in MLflow and report with a checkpoint.
 
     The first epoch this worker runs also reports ``worker_start_time`` (``started``, unix seconds),
     ``setup_seconds`` (from then until that epoch: setup, restore, distribute, open_logger) and
     ``process_start_time`` (when its process started: a Tune trial's actor, perhaps reused from an earlier
     trial, or a Train worker), so that ``bench/speed.py`` can split a trial's overhead."""
-    session = Session(job.runner)
     session.quiet()
     w = setup(job, session)
     restore(w, session.checkpoint())
@@ -151,20 +147,13 @@ def run_worker(job: WorkerJob, started: float) -> None:
         w.logger.close()
 
 
-@dataclass
-class Session:
-    """Where the worker loop reports: Ray Train's per-worker API, or Ray Tune's function-trainable API when the
-    trial's one worker runs in the Tune trial (``ray.tune.report``/``get_checkpoint``, Ray's documented
-    Function Trainable API, ``doc/source/tune/api/trainable.rst``)."""
-
-    runner: str
+class TrainSession:
+    """The worker loop's session in a Ray Train worker: ``ray.train``'s context, checkpoint and report."""
 
     def quiet(self) -> None:
         """Ray Train logs every report with all its metrics at INFO (about 8 KB a line, through a logger named
         after its file, so ``ray.train``'s level misses it); the study prints its own progress."""
-        logging.getLogger("ray.train").setLevel(logging.WARNING)  # also Tune's "Checkpoint successfully created"
-        if self.runner != "train":
-            return
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
         try:
             from ray.train.v2._internal.execution import context as train_context
         except ImportError:  # another Ray layout: its lines stay
@@ -172,13 +161,7 @@ class Session:
         train_context.logger.setLevel(logging.WARNING)
 
     def place(self) -> tuple[int, int, torch.device]:
-        """(rank, world size, device). In Tune: rank 0 of 1, on the GPU Ray assigned (``CUDA_VISIBLE_DEVICES``
-        holds only it) or the CPU."""
-        if self.runner == "tune":
-            import ray
-
-            gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
-            return 0, 1, torch.device("cuda", 0) if gpu else torch.device("cpu")
+        """(rank, world size, device) from Ray Train's context."""
         import ray.train
         import ray.train.torch
 
@@ -186,25 +169,41 @@ class Session:
         return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
 
     def checkpoint(self):
-        """The last reported checkpoint of this trial (a retried or restored attempt), or None."""
-        if self.runner == "tune":
-            import ray.tune
-
-            return ray.tune.get_checkpoint()
+        """The last reported checkpoint of this run (a retried or restored attempt), or None."""
         import ray.train
 
         return ray.train.get_checkpoint()
 
     def report(self, metrics: dict, directory: Optional[str]) -> None:
         """Report ``metrics``, with the checkpoint in ``directory`` (copied to the run's storage) if given."""
-        if self.runner == "tune":
-            import ray.tune
-
-            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(directory) if directory else None)
-            return
         import ray.train
 
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
+
+
+class TuneSession:
+    """The worker loop's session when a trial's one worker runs in the Tune trial's own process (Ray Tune's
+    Function Trainable API, ``ray.tune.report``/``get_checkpoint``, ``doc/source/tune/api/trainable.rst``)."""
+
+    def quiet(self) -> None:
+        logging.getLogger("ray.train").setLevel(logging.WARNING)  # Tune's "Checkpoint successfully created"
+
+    def place(self) -> tuple[int, int, torch.device]:
+        """Rank 0 of 1, on the GPU Ray assigned (``CUDA_VISIBLE_DEVICES`` holds only it) or the CPU."""
+        import ray
+
+        gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+        return 0, 1, torch.device("cuda", 0) if gpu else torch.device("cpu")
+
+    def checkpoint(self):
+        import ray.tune
+
+        return ray.tune.get_checkpoint()
+
+    def report(self, metrics: dict, directory: Optional[str]) -> None:
+        import ray.tune
+
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(directory) if directory else None)
 
 
 def job_of(config: dict) -> WorkerJob:
@@ -214,7 +213,7 @@ def job_of(config: dict) -> WorkerJob:
     return WorkerJob.model_validate(pickle.loads(job) if isinstance(job, bytes) else job)
 
 
-def setup(job: WorkerJob, session: Session) -> Worker:
+def setup(job: WorkerJob, session) -> Worker:
     """Base model, the nested data subset, the tether targets, the alignment module and its optimizer."""
     from open_clip.loss import ClipLoss
 
@@ -303,7 +302,7 @@ def distribute(w: Worker) -> None:
 
 def open_logger(w: Worker):
     """Rank 0's MLflow logger of the trial's run (None elsewhere); a resumed attempt says where it resumed."""
-    from .tracking import TrialLogger
+    from ..tracking import TrialLogger
 
     if w.rank != 0 or not w.job.run_id:
         return None
