@@ -165,11 +165,11 @@ def best_sentences(rec: StudyRecords, best: pd.Series) -> list[str]:
     metric, mode = rec.objective
     method = best.get("method") if isinstance(best.get("method"), str) else "lora"  # runs before the knob: LoRA
     rank, blocks = (pd.to_numeric(best.get(k), errors="coerce") for k in ("lora_rank", "lora_blocks"))
-    how = (f"LoRA rank {int(rank)}, " if method == "lora" and rank == rank else "") + (
-        f"the last {plural(int(blocks), 'block')}, " if method != "projections" and blocks == blocks else "")
+    how = (f" of rank {int(rank)}" if method == "lora" and rank == rank else "") + (
+        f" on the last {plural(int(blocks), 'block')}" if method != "projections" and blocks == blocks else "")
     lines = [baseline_sentence(rec),
              f"The trial chosen on the validation part ({metric}, {mode}) was {best['trial_id']} ("
-             f"{METHOD_WORDS.get(method, method)}, {how}learning rate {float(best['learning_rate']):.3g}, data "
+             f"{METHOD_WORDS.get(method, method)}{how}, learning rate {float(best['learning_rate']):.3g}, data "
              f"fraction {float(best['data_fraction']):.3g}, tether weight λ {float(best['tether_weight']):.3g}, the "
              f"weight of the MoCLIP term that pulls embeddings toward the frozen model's). On the test part:",
              change_sentence(rec, best, "specialized"), change_sentence(rec, best, "general")]
