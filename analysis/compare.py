@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows, notes, paths = write([study_records(s) for s in sweeps], out)
     print(markdown_table(rows))
-    print("\n".join(f"note: {n}" for n in notes))
+    for n in notes:
+        print(f"note: {n}")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 

@@ -49,9 +49,10 @@ class ExchangeRate:
     def words(self) -> str:
         """``LoRA 0.81 [0.60, 1.02]`` or ``BitFit: too few trials (3)``, as the report and ``compare`` write it."""
         name = METHOD_WORDS.get(self.method, self.method)
+        if self.trials < MIN_TRIALS:
+            return f"{name}: too few trials ({self.trials})"
         if not self.enough:
-            return f"{name}: too few trials ({self.trials})" if self.trials < MIN_TRIALS else f"{name}: no gain to " \
-                f"measure against"
+            return f"{name}: no specialized change to measure against"
         return f"{name} {self.rate:.2f} [{self.ci_low:.2f}, {self.ci_high:.2f}]"
 
 
@@ -136,12 +137,25 @@ def rate_sentence(rates: list[ExchangeRate], head: str) -> str:
                                                            if r.trials < MIN_TRIALS else "no specialized change to "
                                                            "measure against") for r in few) + "."
     if len(known) > 1:
-        ordered = sorted(known, key=lambda r: r.rate)
-        overlap = any(a.ci_high >= b.ci_low for a, b in zip(ordered, ordered[1:]))
-        text += (" Their intervals overlap, so these trials do not rank the methods by exchange rate." if overlap else
-                 f" The intervals do not overlap: {METHOD_WORDS.get(ordered[0].method, ordered[0].method)} traded "
-                 f"least general accuracy per point of specialized gain.")
+        text += " " + ranking_sentence(known)
     return text
+
+
+def ranking_sentence(rates: list[ExchangeRate]) -> str:
+    """Which methods the intervals tell apart: a pair is ranked only where one's interval lies wholly below the
+    other's; the rest are left unranked."""
+    words = {r.method: METHOD_WORDS.get(r.method, r.method) for r in rates}
+    ordered = sorted(rates, key=lambda r: r.rate)
+    apart = [(a, b) for i, a in enumerate(ordered) for b in ordered[i + 1:] if a.ci_high < b.ci_low]
+    pairs = len(ordered) * (len(ordered) - 1) // 2
+    if not apart:
+        return "Their intervals overlap, so these trials do not rank the methods by exchange rate."
+    if len(apart) == pairs:
+        return (f"The intervals do not overlap: {words[ordered[0].method]} traded least general accuracy per point of "
+                f"specialized gain, then " + ", ".join(words[r.method] for r in ordered[1:]) + ".")
+    return ("Only where intervals lie apart do these trials rank two methods (a lower rate first): "
+            + "; ".join(f"{words[a.method]} below {words[b.method]}" for a, b in apart)
+            + f"; the other {pairs - len(apart)} of the {pairs} pairs overlap.")
 
 
 def _join(parts: list[str]) -> str:

@@ -55,7 +55,7 @@ def tradeoff_map(rec: StudyRecords, out: Path) -> Path:
             for method, colour in colours.items():
                 mine = methods_of(df) == method
                 ax.scatter(x[mine], y[mine], color=colour, edgecolor="black", linewidth=0.6, zorder=4, s=sizes[mine],
-                           label=METHOD_WORDS.get(method, method))
+                           label=method_label(rec, method))
         else:
             lr = pd.to_numeric(df["learning_rate"], errors="coerce")
             sc = ax.scatter(x, y, c=np.log10(lr), cmap="viridis", edgecolor="black", linewidth=0.6, zorder=4, s=sizes)
@@ -63,7 +63,7 @@ def tradeoff_map(rec: StudyRecords, out: Path) -> Path:
         if sized:
             for r in sorted(ranks.dropna().unique()):
                 ax.scatter([], [], s=size(r), color="white", edgecolor="black", label=f"LoRA rank {int(r)}")
-        exchange_lines(ax, rec, colours, x)
+        exchange_lines(ax, rec, colours)
         front = df[pareto_mask(df)].sort_values("specialized_gain_pts")
         ax.plot(front["specialized_gain_pts"], front["general_change_pts"], "--", color="crimson", lw=1.5, zorder=3,
                 label=f"Pareto front ({len(front)} trials)")
@@ -73,8 +73,19 @@ def tradeoff_map(rec: StudyRecords, out: Path) -> Path:
     ax.set_ylabel(f"general zero-shot {head} change vs baseline (points, test part)")
     ax.set_title(f"{rec.experiment}: specialized gain vs general cost")
     # Below the axes, so that it never hides a trial.
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8, frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2 if len(rec.rates) > 1 else 3, fontsize=8,
+              frameon=False)
     return save(fig, out / "tradeoff_map.png")
+
+
+def method_label(rec: StudyRecords, method: str) -> str:
+    """A method's legend entry, with its exchange rate where it has one: ``LoRA (exchange rate 0.81 [0.60, 1.02])``."""
+    rate = next((r for r in rec.rates if r.method == method), None)
+    words = METHOD_WORDS.get(method, method)
+    if rate is None:
+        return words
+    return f"{words} (exchange rate {rate.rate:.2f} [{rate.ci_low:.2f}, {rate.ci_high:.2f}])" if rate.enough else \
+        rate.words()
 
 
 def methods_of(df: pd.DataFrame) -> pd.Series:
@@ -89,15 +100,19 @@ def method_colours(rec: StudyRecords) -> dict[str, str]:
     return {m: f"C{i}" for i, m in enumerate(order)}
 
 
-def exchange_lines(ax, rec: StudyRecords, colours: dict[str, str], x: pd.Series) -> None:
-    """Each method's exchange rate as the line ``general change = -rate x gain`` through the baseline, drawn over
-    the gains the study's trials reached; none for a method with too few trials for an interval."""
-    ends = np.array([min(0.0, float(x.min())), max(0.0, float(x.max()))])
+def exchange_lines(ax, rec: StudyRecords, colours: dict[str, str]) -> None:
+    """Each method's exchange rate as the line ``general change = -rate x gain`` through the baseline, up to the
+    largest gain its own trials reached; none for a method with too few trials for an interval. In a study of
+    several methods the line shares its method's colour and legend entry."""
+    methods = methods_of(rec.trials)
     for r in rec.rates:
-        if r.enough:
-            colour = colours.get(r.method, "black") if len(colours) > 1 else "black"
-            ax.plot(ends, -r.rate * ends, "-", color=colour, lw=1.2, alpha=0.8, zorder=3,
-                    label=f"exchange rate, {r.words()}")
+        if not r.enough:
+            continue
+        gains = rec.trials.loc[methods == r.method, "specialized_gain_pts"]
+        ends = np.array([min(0.0, float(gains.min())), max(0.0, float(gains.max()))])
+        several = len(colours) > 1
+        ax.plot(ends, -r.rate * ends, "-", color=colours.get(r.method, "black") if several else "black", lw=1.2,
+                alpha=0.8, zorder=3, label=None if several else f"exchange rate, {r.words()}")
 
 
 def label_point(ax, x: float, y: float, text: str) -> None:
@@ -195,6 +210,9 @@ def wiseft_curves(rec: StudyRecords, trial_ids: list[str], out: Path) -> Path | 
     if not curves:
         return None
     labels = dict(zip(rec.trials["trial_id"], rec.trials["label"]))
+    if len(method_colours(rec)) > 1:  # several methods: say each curve's
+        labels = {t: f"{labels[t]}, {METHOD_WORDS.get(m, m)}" for t, m in zip(rec.trials["trial_id"],
+                                                                               methods_of(rec.trials))}
     part = "test part" if rec.wiseft_part == "test" else "validation part"
     fig, ax = plt.subplots(figsize=(6.5, 5))
     ax.axhline(0, color="0.6", lw=0.8)
