@@ -142,7 +142,7 @@ CASES = [
     R("name-empty", ["--name", ""], "--name", "name:"),
     R("name-too-long", ["--name", "n" * 300], "--name", "name:"),
     # ---- the space file
-    R("space-missing", ["--space", "{tmp}/nope.yaml"], "{tmp}/nope.yaml", "not found", "default, pareto"),
+    R("space-missing", ["--space", "{tmp}/nope.yaml"], "{tmp}/nope.yaml", "not found", "default, methods, pareto"),
     R("space-is-a-folder", ["--space", "{tmp}"], "{tmp}", "is a directory"),
     R("space-malformed", ["--space", SPACE], SPACE, "malformed YAML at line 1", files=["malformed"]),
     R("space-duplicate-key", ["--space", SPACE], SPACE, "line 4", "duplicate key \"learning_rate\"", files=["dup"]),
