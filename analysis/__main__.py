@@ -1,4 +1,5 @@
-"""``python -m analysis``: the trade-off map and written finding of a study, read from MLflow."""
+"""``python -m analysis``: the trade-off map and written finding of a study, read from MLflow;
+``python -m analysis compare``: several studies in one table (:mod:`analysis.compare`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read a study's runs from MLflow (never re-running or changing them) and write the trial "
                     "table (CSV), the trade-off map and other plots, and a short Markdown finding. Everything is "
                     "also attached to the sweep's parent run under analysis/.",
+        epilog="Several sweeps in one table and one figure: python -m analysis compare SWEEP [SWEEP ...] "
+               "(python -m analysis compare --help).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--experiment", default="clip-alignment-study", help="MLflow experiment (= study name)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
@@ -27,7 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit 0 with the report written; 2 on bad input (one ``error:`` line, nothing written)."""
+    """Exit 0 with the report written; 2 on bad input (one ``error:`` line, nothing written). ``compare`` as the
+    first argument runs :mod:`analysis.compare` on the rest."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:
+        from .compare import main as compare
+
+        return compare(argv[1:])
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # it reads a small file per trial
     try:
         args = build_parser().parse_args(argv)

@@ -17,6 +17,8 @@ from study.tracking import SweepRecord, TrialRecord, read_sweep
 from study.vocabulary import (FINISHED, GENERAL_TOP1, KNOBS, NUMERIC_KNOBS, OBJECTIVE_METRICS, SPECIALIZED_TOP1, TEST,
                               TRAIN_METRICS, TRANSFER_NOTE_TAG, VAL, headline, key, wiseft_curve)
 
+from .exchange import method_rates
+
 # Test-part metrics, in columns without the "test/" prefix (the report speaks of test numbers only).
 METRICS = [SPECIALIZED_TOP1, "specialized_balanced_accuracy", GENERAL_TOP1, "general_balanced_accuracy",
            *TRAIN_METRICS[:4], "specialized_images", "general_images"]
@@ -31,7 +33,9 @@ class StudyRecords:
     baseline: dict
     trials: pd.DataFrame          # finished trials: the rows every fit and plot uses
     excluded: pd.DataFrame        # failed, orphaned, still running: counted and listed, never fitted
-    wiseft: dict = field(default_factory=dict)  # trial_id -> [(alpha, spec, gen)] validation top-1, where logged
+    # trial_id -> [(alpha, specialized gain, general change)]: the WiSE-FT curve in points of the headline metric
+    # against the baseline, on the test part (on validation for sweeps that scored only the chosen alpha on test)
+    wiseft: dict = field(default_factory=dict)
     headline: str = "top1"        # evaluation.headline of the sweep ("top1" for sweeps that predate it)
     objective: tuple[str, str] = (SPECIALIZED_TOP1, "max")  # the first search objective: chooses the best trial
     adjusted: dict = field(default_factory=dict)  # trial_id -> Holm-adjusted specialized McNemar p
@@ -39,6 +43,8 @@ class StudyRecords:
     versions: dict = field(default_factory=dict)  # package -> {version: runs}, over the sweep's runs' version tags
     ranking: list = field(default_factory=list)   # the finished trials' ids, best first by the one rule
     sweep: SweepRecord | None = None              # what they were read from
+    wiseft_part: str = TEST                       # the part rec.wiseft's curves were scored on
+    rates: list = field(default_factory=list)     # each method's exchange rate (analysis.exchange.ExchangeRate)
 
 
 def wilson(p: float, n: float, z: float = 1.96) -> tuple[float, float]:
@@ -59,8 +65,7 @@ def study_records(sweep: SweepRecord) -> StudyRecords:
     """``sweep`` as flat records: a row per trial, the finished ones apart from the rest."""
     baseline = test_part(sweep.baseline)
     rows = [trial_row(t) for t in sweep.trials]
-    wiseft = {t.trial_id: curve for t in sweep.trials
-              if (curve := wiseft_curve(t.metrics) or wiseft_curve(t.metrics, split=""))}
+    wiseft, part = wiseft_curves(sweep.trials, sweep.baseline, sweep.headline)
     df = with_derived_columns(pd.DataFrame(rows), baseline, sweep.headline)
     done = df["status"].eq(FINISHED) & df[SPECIALIZED_TOP1].notna() & df[GENERAL_TOP1].notna()
     finished = df[done].reset_index(drop=True)
@@ -71,9 +76,30 @@ def study_records(sweep: SweepRecord) -> StudyRecords:
     metric = key(VAL, objective.metric) if any(key(VAL, objective.metric) in t.metrics for t in candidates) \
         else objective.metric
     order = [t.trial_id for t in ranked(candidates, metric, objective.mode)]
+    rates = method_rates(finished, {t.trial_id: t.metrics for t in candidates}, sweep.headline) if len(finished) else []
     return StudyRecords(sweep.experiment, sweep.parent_run_id, sweep.status, baseline, finished,
                         df[~done].reset_index(drop=True), wiseft, sweep.headline, (objective.metric, objective.mode),
-                        adjusted, sweep.tags.get(TRANSFER_NOTE_TAG, ""), sweep.versions, order, sweep)
+                        adjusted, sweep.tags.get(TRANSFER_NOTE_TAG, ""), sweep.versions, order, sweep, part, rates)
+
+
+def wiseft_curves(trials: list[TrialRecord], baseline: dict, head: str) -> tuple[dict, str]:
+    """Each trial's WiSE-FT curve as ``[(alpha, specialized gain, general change)]`` in points of the ``head``
+    metric against the ``baseline`` (its metrics by part), and the part they were scored on: the test part where
+    the curves were scored there, else validation (sweeps that scored only the chosen alpha on test)."""
+    spec, gen = headline("specialized", head), headline("general", head)
+    for split in (TEST, VAL):
+        base = [baseline.get(key(split, m), math.nan) for m in (spec, gen)]
+        curves = {t.trial_id: [(a, 100 * (x - base[0]), 100 * (y - base[1])) for a, x, y in curve] for t in trials
+                  if (curve := wiseft_curve(t.metrics, split, spec, gen))}
+        if curves:
+            return curves, split
+    return {}, TEST
+
+
+def short_label(t: TrialRecord) -> str:
+    """How figures name a trial, as the console's and MLflow's run names start: ``t04`` (``rep 5d43d97f`` for a seed
+    replicate; the id when Tune gave no count)."""
+    return t.label.split(" ")[0] if t.number is not None and t.replicate_of is None else t.label
 
 
 def test_part(metrics: dict) -> dict:
@@ -86,14 +112,15 @@ def test_part(metrics: dict) -> dict:
 
 def trial_row(t: TrialRecord) -> dict:
     """One flat record of a trial: ids, status, every knob, the final metrics and their intervals."""
-    row = {"trial_id": t.trial_id, "run_id": t.run_id, "status": t.status, "failure_reason": t.error}
+    row = {"trial_id": t.trial_id, "label": short_label(t), "run_id": t.run_id, "status": t.status,
+           "failure_reason": t.error}
     knobs = t.settings.model_dump() if t.settings is not None else {k: _num(t.params.get(k)) for k in KNOBS}
     row.update({k: "+".join(v) if isinstance(v, list) else v for k, v in knobs.items() if k in KNOBS})
     last, test = t.metrics, test_part(t.metrics)
     row.update({k: test.get(k, math.nan) for k in METRICS})
     row.update({f"val_{k}": last.get(key(VAL, k), last.get(k, math.nan)) for k in OBJECTIVE_METRICS})
     for name, value in test.items():  # intervals, paired tests, collapse, where the evaluator logged them
-        if name.endswith(DETAIL_SUFFIXES) or name.startswith("wiseft_best_"):
+        if "wiseft/" not in name and (name.endswith(DETAIL_SUFFIXES) or name.startswith("wiseft_best_")):
             row[name] = value
     row["collapsed"] = t.collapsed
     row["wiseft_best_alpha"] = last.get("wiseft_best_alpha", math.nan)
@@ -111,7 +138,7 @@ def with_derived_columns(df: pd.DataFrame, baseline: dict, head: str = "top1") -
     """Fixed column order; changes of the ``head`` metric in points against the baseline, with their paired
     intervals where logged; lr x steps; and a 95% top-1 interval per trial: its own bootstrap interval where
     logged, else a Wilson interval from the accuracy and image count."""
-    fixed = ["trial_id", "run_id", "status", "failure_reason", *KNOBS, *METRICS]
+    fixed = ["trial_id", "label", "run_id", "status", "failure_reason", *KNOBS, *METRICS]
     df = df.reindex(columns=fixed + [c for c in df.columns if c not in fixed])  # intervals, where logged
     for role, name in (("specialized", "gain"), ("general", "change")):
         metric = headline(role, head)

@@ -11,9 +11,11 @@ import pandas as pd
 
 from study.selection import verdict
 from study.tracking import SweepRecord, log_report
-from study.vocabulary import NUMBER_PACKAGES, metric_words
+from study.vocabulary import METHOD_WORDS, NUMBER_PACKAGES, metric_words
 
 from . import plots
+from .exchange import rate_sentence
+from .headline import COLUMNS, cells, headline_row, markdown_table
 from .records import StudyRecords, best_row, pareto_mask, searched_knobs, study_records
 
 MIN_TRIALS_FOR_IMPORTANCE = 4
@@ -90,6 +92,8 @@ def finding(rec: StudyRecords, imps: dict) -> list[str]:
         return lines
     best = best_row(rec)
     lines += best_sentences(rec, best)
+    if rates := rate_sentence(rec.rates, rec.headline):
+        lines.append(rates)
     lines += retention_sentences(df)
     lines += reliability_sentences(rec, best)
     lines += importance_sentences(imps, n)
@@ -159,22 +163,35 @@ def change_sentence(rec: StudyRecords, best: pd.Series, role: str) -> str:
 def best_sentences(rec: StudyRecords, best: pd.Series) -> list[str]:
     """The trial chosen on validation: its test changes, and the best point of its WiSE-FT curve."""
     metric, mode = rec.objective
+    method = best.get("method") if isinstance(best.get("method"), str) else "lora"  # runs before the knob: LoRA
+    rank, blocks = (pd.to_numeric(best.get(k), errors="coerce") for k in ("lora_rank", "lora_blocks"))
+    how = (f" of rank {int(rank)}" if method == "lora" and rank == rank else "") + (
+        f" on the last {plural(int(blocks), 'block')}" if method != "projections" and blocks == blocks else "")
     lines = [baseline_sentence(rec),
-             f"The trial chosen on the validation part ({metric}, {mode}) was {best['trial_id']} (learning rate "
-             f"{float(best['learning_rate']):.3g}, LoRA rank {int(best['lora_rank'])}, data fraction "
-             f"{float(best['data_fraction']):.3g}, tether weight λ {float(best['tether_weight']):.3g}, the weight of "
-             f"the MoCLIP term that pulls embeddings toward the frozen model's). On the test part:",
+             f"The trial chosen on the validation part ({metric}, {mode}) was {best['trial_id']} ("
+             f"{METHOD_WORDS.get(method, method)}{how}, learning rate {float(best['learning_rate']):.3g}, data "
+             f"fraction {float(best['data_fraction']):.3g}, tether weight λ {float(best['tether_weight']):.3g}, the "
+             f"weight of the MoCLIP term that pulls embeddings toward the frozen model's). On the test part:",
              change_sentence(rec, best, "specialized"), change_sentence(rec, best, "general")]
-    alpha = best.get("wiseft_best_alpha", math.nan)
-    if not math.isnan(alpha) and not math.isnan(best.get("wiseft_best_specialized_top1", math.nan)):
-        lines.append(f"Scaling that trial's trained change by α (WiSE-FT; α = 0 is the baseline exactly, α = 1 the "
-                     f"trial above), validation chose α = {alpha:g}; there, test top-1 was specialized "
-                     f"{best['wiseft_best_specialized_top1']:.1%} and general {best['wiseft_best_general_top1']:.1%}.")
+    lines += wiseft_sentences(rec, best)
     collapsed = rec.trials[rec.trials.get("specialized_collapsed", pd.Series(0, rec.trials.index)) == 1]
     if len(collapsed):
         lines.append(f"{plural(len(collapsed), 'trial')} collapsed, answering one class for nearly every specialized "
                      f"test image ({', '.join(collapsed['trial_id'])}): no difference of theirs is a gain.")
     return lines
+
+
+def wiseft_sentences(rec: StudyRecords, best: pd.Series) -> list[str]:
+    """The chosen trial's WiSE-FT alpha: what chose it on validation, and the test headline metric there."""
+    alpha, head = best.get("wiseft_best_alpha", math.nan), rec.headline
+    spec, gen = (best.get(f"wiseft_best_{role}_{head}", math.nan) for role in ("specialized", "general"))
+    if math.isnan(alpha) or math.isnan(spec):
+        return []
+    evaluation = (rec.sweep.config.get("evaluation", {}) if rec.sweep else {})
+    select = evaluation.get("wiseft_select") or f"mean_{head}"
+    return [f"Scaling that trial's trained change by α (WiSE-FT; α = 0 is the baseline exactly, α = 1 the trial "
+            f"above), validation chose α = {alpha:g} by {select.replace('_', ' ').replace('top1', 'top-1')}; there, test "
+            f"{metric_words(head)} was specialized {spec:.1%} and general {gen:.1%}."]
 
 
 def retention_sentences(df: pd.DataFrame) -> list[str]:
@@ -230,6 +247,10 @@ def write_report(rec: StudyRecords, out: Path) -> tuple[Path, list[str]]:
     if software := software_line(rec.versions):
         md += [f"Software (the runs' `version.*` tags): {software}.", ""]
     md += [f"- {s}" for s in lines]
+    row = headline_row(rec)
+    pd.DataFrame([row]).to_csv(out / "headline.csv", index=False)
+    md += ["", "## Headline", "", "The study in one row, as `python -m analysis compare` writes it beside other "
+           "studies (test part, headline metric; the trial chosen on validation):", "", markdown_table([row])]
     md += ["", "## Figures", ""]
     md += [f"![{p.stem}]({p.name})\n\n*Figure {i}. {CAPTIONS.get(p.stem, p.stem)}*\n"
            for i, p in enumerate([p for p in figures if p is not None], 1)]
@@ -247,11 +268,13 @@ def write_report(rec: StudyRecords, out: Path) -> tuple[Path, list[str]]:
 # What each figure shows, in the words of its caption (report.md and report.html)
 CAPTIONS = {
     "tradeoff_map": "Trade-off map: each trial's specialized gain against its general change (test part, headline "
-                    "metric, paired 95% intervals), the Pareto front marked, the baseline at the origin.",
+                    "metric, paired 95% intervals), the Pareto front marked, the baseline at the origin, and each "
+                    "method's exchange rate as a line through it.",
     "accuracy_vs_intensity": "Each benchmark's accuracy against fine-tuning intensity ‖ΔW‖ (test part).",
     "marginals": "Marginal effect of each searched knob on the specialized gain and the general change.",
     "importances": "fANOVA hyperparameter importances for the specialized gain and the general change.",
-    "wiseft_curves": "WiSE-FT: the Pareto-optimal trials' trained change scaled by α, on validation.",
+    "wiseft_curves": "WiSE-FT: the Pareto-optimal trials' trained change scaled by α, in the trade-off map's "
+                     "metric and units (the test part; validation for sweeps that scored only the chosen α on test).",
 }
 
 
@@ -277,7 +300,9 @@ def html_report(rec: StudyRecords, lines: list[str], figures: list[Path]) -> str
              f"{html.escape(metric_words(rec.headline))}.</p>",
              f"<p>Software (the runs' <code>version.*</code> tags): {html.escape(software_line(rec.versions))}.</p>"
              if rec.versions else "",
-             "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in lines) + "</ul>", "<h2>Figures</h2>", *imgs,
+             "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in lines) + "</ul>", "<h2>Headline</h2>",
+             pd.DataFrame([cells(headline_row(rec))], columns=[h for h, _ in COLUMNS]).to_html(index=False, border=0),
+             "<h2>Figures</h2>", *imgs,
              "<h2>Trials</h2>", table(rec.trials)]
     if len(rec.excluded):
         parts += ["<h2>Left out of the fits</h2>", table(rec.excluded)]

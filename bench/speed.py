@@ -274,7 +274,7 @@ def bare_evaluate(b: dict, cfg, pretrained, cache_dir: Path, baseline: dict, pre
                "weight_change_norm": weight_change_norm(b["model"], b["initial"])}
     if final and ev.wiseft_alphas:
         metrics.update(wiseft_curve(cfg.model.name, pretrained, s, trainable_state(b["model"]), b["initial"], b["sets"],
-                                    b["device"], ev.wiseft_alphas, ev.wiseft_select, baseline, ev.collapse_share,
+                                    b["device"], ev.wiseft_alphas, ev.wiseft_metric, baseline, ev.collapse_share,
                                     depths=b["depths"], memo=b["memo"]))
     return metrics
 

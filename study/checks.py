@@ -78,14 +78,16 @@ def check_folder(path: Path | str, flag: str) -> Path:
     return p
 
 
-def existing_store(flag_value: Optional[str]) -> str:
-    """The MLflow store a reading command (analysis, export, evaluate --run-id) opens: ``--tracking-uri``, else
-    ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` here, checked by :func:`tracking_uri`. A SQLite store
-    must exist already (reading never creates one); :class:`ConfigError` names the flag or variable."""
+def existing_store(flag_value: Optional[str], flag: str = "--tracking-uri") -> str:
+    """The MLflow store a reading command (analysis, export, evaluate --run-id) opens: ``--tracking-uri`` (or the
+    argument ``flag`` names), else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` here, checked by
+    :func:`tracking_uri`. A SQLite store must exist already (reading never creates one); :class:`ConfigError` names
+    the flag or variable."""
     given = flag_value or os.environ.get("MLFLOW_TRACKING_URI")
-    uri = tracking_uri(given, "--tracking-uri" if flag_value or not given else "MLFLOW_TRACKING_URI")
+    where = flag if flag_value or not given else "MLFLOW_TRACKING_URI"
+    uri = tracking_uri(given, where)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise ConfigError(f"--tracking-uri: no MLflow store at {uri}")
+        raise ConfigError(f"{flag}: no MLflow store at {uri}")
     return uri
 
 

@@ -26,6 +26,9 @@ from .library.yamlfile import YamlFileError, parse_value, read_yaml
 from .settings import TrialSettings
 from .vocabulary import HEADLINES, KNOBS, OBJECTIVE_METRICS, ROLES, TRAIN_METRICS, headline
 
+#: what may choose the WiSE-FT alpha (evaluation.wiseft_select): a headline metric of one role, or of both on average
+WISEFT_SELECT = tuple(f"{role}_{h}" for h in HEADLINES[::-1] for role in (*ROLES, "mean"))
+
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 DEFAULT_SPACE = SPACES_DIR / "default.yaml"
 
@@ -244,7 +247,9 @@ class SearchSection(_Strict):
     replicate_top: Optional[int] = Field(3, ge=1)
     # Optuna's sampler: "auto" is TPE (its first min(4, trials) trials random), NSGA-II for a Pareto search.
     # "cmaes" needs the `cmaes` package and one objective; "gp" (Gaussian process) needs few trials to pay off.
-    sampler: Literal["auto", "tpe", "random", "qmc", "gp", "cmaes", "nsgaii", "nsgaiii"] = "auto"
+    # "stratified": every combination of the categorical knobs in turn, equally often, the rest at random (to
+    # compare methods side by side; study.orchestration.stratified).
+    sampler: Literal["auto", "tpe", "random", "qmc", "gp", "cmaes", "nsgaii", "nsgaiii", "stratified"] = "auto"
 
     @field_validator("sampler")
     @classmethod
@@ -259,8 +264,9 @@ class EvaluationSection(_Strict):
 
     # WiSE-FT: the model with its trained change scaled by alpha (0 = base model, 1 = fine-tuned).
     wiseft_alphas: list[Annotated[float, Field(ge=0, le=1)]] = [0.0, 0.25, 0.5, 0.75, 1.0]
-    # the alpha a trial reports as wiseft_best_*: the one that maximises this on the validation part
-    wiseft_select: Literal["specialized_top1", "general_top1", "mean_top1"] = "mean_top1"
+    # the alpha a trial reports as wiseft_best_*: the one that maximises this on the validation part. null: the
+    # headline metric's mean over both roles (mean_balanced_accuracy, or mean_top1 when top-1 is the headline)
+    wiseft_select: Optional[Literal[WISEFT_SELECT]] = None  # type: ignore[valid-type]
     # The metric the summary and the finding lead with (top-1 is always reported beside it). Balanced
     # accuracy by default: on an imbalanced benchmark, top-1 rewards predicting the majority class.
     headline: Literal[HEADLINES] = "balanced_accuracy"  # type: ignore[valid-type]
@@ -270,6 +276,11 @@ class EvaluationSection(_Strict):
     # A trial whose test predictions put one class on at least this share of a benchmark's images (while
     # that class's true share is lower) is flagged as collapsed; its difference is never called a gain.
     collapse_share: float = Field(0.9, gt=0.5, le=1)
+
+    @property
+    def wiseft_metric(self) -> str:
+        """What chooses the WiSE-FT alpha on validation: ``wiseft_select``, else the headline's mean over both roles."""
+        return self.wiseft_select or f"mean_{self.headline}"
 
 
 class ResourcesSection(_Strict):
@@ -495,5 +506,8 @@ def load_study_config(path: Path | str | None = None, overrides: list[Override] 
     except ValidationError as err:
         raise ConfigError(_fmt(err, blame)) from None
     cfg._space = _validate_params(cfg.params, blame)
+    if cfg.search.sampler == "stratified" and not any(isinstance(d, Categorical) for d in cfg.space.searched.values()):
+        raise ConfigError(f"{blame('search.sampler')}: search.sampler: stratified needs a categorical knob to stratify "
+                          f"over (e.g. params.method: {{distribution: categorical, choices: [lora, full]}})")
     cfg.data = cfg.data.resolved(str(path))
     return cfg

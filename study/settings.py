@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Target = Literal["attn", "mlp"]
 Tower = Literal["image", "text"]
+#: how the last K blocks of the chosen towers train (study.library.alignment says which tensors each trains)
+Method = Literal["lora", "full", "bitfit", "attention", "projections"]
 
 
 def split_parts(v):
@@ -28,12 +30,17 @@ class TrialSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    method: Method = Field("lora", description="what trains in the last K blocks: 'lora' (peft adapters on "
+                           "lora_targets), 'full' (every weight), 'bitfit' (the biases, arXiv 2106.10199), "
+                           "'attention' (the attention weights, no adapters), 'projections' (no block); the "
+                           "projections and temperature train as train_projections/train_logit_scale say")
     learning_rate: float = Field(1e-3, gt=0, description="AdamW peak learning rate")
     lora_rank: int = Field(4, ge=1, description="LoRA adapter rank r")
     lora_alpha: Optional[float] = Field(None, gt=0, description="LoRA alpha; default 2 x rank")
-    lora_blocks: int = Field(1, ge=0, description="LoRA on the last K residual blocks of each chosen tower")
+    lora_blocks: int = Field(1, ge=0, description="K: the method trains the last K residual blocks of each chosen "
+                             "tower (LoRA's name, kept for every method; ignored by 'projections')")
     lora_targets: list[Target] = Field(["attn", "mlp"], description="'attn' (in_proj+out_proj) and/or 'mlp'")
-    lora_towers: list[Tower] = Field(["image", "text"], description="towers that get LoRA")
+    lora_towers: list[Tower] = Field(["image", "text"], description="towers whose last K blocks train")
     train_projections: bool = Field(True, description="train visual.proj and text_projection")
     train_logit_scale: bool = Field(True, description="train the temperature")
     tether_weight: float = Field(0.0, ge=0, description="lambda of the MoCLIP tether: squared distance of the "
@@ -50,10 +57,18 @@ class TrialSettings(BaseModel):
     def _split_parts(cls, v):
         return split_parts(v)
 
+    @property
+    def trained_blocks(self) -> int:
+        """Residual blocks the method trains at the end of each tower in ``lora_towers``: ``lora_blocks``, or 0 for
+        ``projections`` (and for LoRA without targets)."""
+        if self.method == "projections" or (self.method == "lora" and not self.lora_targets) or not self.lora_towers:
+            return 0
+        return self.lora_blocks
+
     @model_validator(mode="after")
     def _something_trains(self):
-        lora = self.lora_blocks > 0 and self.lora_targets and self.lora_towers
-        if not (lora or self.train_projections or self.train_logit_scale):
-            raise ValueError("nothing to train: enable LoRA (lora_blocks, lora_targets, lora_towers), "
-                             "train_projections or train_logit_scale")
+        if not (self.trained_blocks or self.train_projections or self.train_logit_scale):
+            raise ValueError(f"nothing to train: method {self.method} trains no block here (lora_blocks, lora_towers"
+                             f"{', lora_targets' if self.method == 'lora' else ''}), and neither train_projections "
+                             f"nor train_logit_scale is on")
         return self

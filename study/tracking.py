@@ -735,6 +735,21 @@ def find_sweep(c, experiment: str, parent_run_id: str | None = None):
     return parent
 
 
+def sweep_experiment(tracking_uri: str, parent_run_id: str) -> str:
+    """The name of the experiment that holds sweep (parent) run ``parent_run_id``, for :func:`read_sweep`. Raises
+    ``LookupError`` when the store has no such run, or the run is not a sweep's."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(tracking_uri)
+    try:
+        run = c.get_run(parent_run_id)
+    except MlflowException:
+        raise LookupError(f"--parent-run: no run {parent_run_id!r} at {tracking_uri}") from None
+    if run.data.tags.get(KIND_TAG) != SWEEP:
+        raise LookupError(f"--parent-run: run {parent_run_id!r} is not a sweep (parent) run")
+    return c.get_experiment(run.info.experiment_id).name
+
+
 def read_sweep(tracking_uri: str, experiment: str, parent_run_id: str | None = None) -> SweepRecord:
     """The sweep (``parent_run_id``'s, else the experiment's latest) as a :class:`SweepRecord`: one read of its
     parent, baseline, trials and replicates. Only reads. Raises ``LookupError`` (see :func:`find_sweep`)."""

@@ -37,7 +37,7 @@ HEADLINE = (SPECIALIZED_TOP1, "specialized_balanced_accuracy", GENERAL_TOP1, "ge
 CHANGES = (SPECIALIZED_GAIN, "specialized_balanced_accuracy_gain", GENERAL_CHANGE, "general_balanced_accuracy_change")
 WISEFT_BEST = "wiseft_best_"                    # prefix: the metrics at a trial's chosen WiSE-FT alpha
 WISEFT_BEST_ALPHA = "wiseft_best_alpha"
-WISEFT_REPORTED = HEADLINE + CHANGES + ("mean_top1",)
+WISEFT_REPORTED = HEADLINE + CHANGES + ("mean_top1", "mean_balanced_accuracy")
 #: metrics a search objective (or ASHA) may optimise; the search reads them on the validation part
 OBJECTIVE_METRICS = HEADLINE + CHANGES + tuple(WISEFT_BEST + k for k in WISEFT_REPORTED)
 #: training-side metrics every epoch reports
@@ -70,6 +70,17 @@ def key(split: str, metric: str) -> str:
 def headline(role: str, name: str) -> str:
     """``specialized_balanced_accuracy`` for role ``specialized`` and headline ``balanced_accuracy``."""
     return f"{role}_{name}"
+
+
+#: The exchange rate of a fine-tuning method: general points lost per point of specialized gain, in the headline
+#: metric on the test part. The least-squares slope through the baseline (every WiSE-FT curve starts there, at
+#: alpha 0) of minus the general change against the specialized gain, over the method's trials and the points of
+#: their WiSE-FT curves, with a bootstrap 95% interval over trials (analysis.exchange). IIMM (arXiv 2407.15731)
+#: finds in-domain gain and out-of-domain loss rising together roughly linearly across methods.
+EXCHANGE_RATE = "exchange_rate"
+#: how the report and the figures name each fine-tuning method (``TrialSettings.method``)
+METHOD_WORDS = {"lora": "LoRA", "full": "full fine-tuning", "bitfit": "BitFit", "attention": "attention-only tuning",
+                "projections": "projection-only tuning"}
 
 
 def metric_words(name: str) -> str:

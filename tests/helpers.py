@@ -50,3 +50,69 @@ def log_sweep_config(c, parent_run_id: str, headline: str = "balanced_accuracy",
                                    ("search.objective", [{"metric": f"specialized_{headline}", "mode": "max"}]),
                                    *overrides.items()])
     log_dict_artifact(c, parent_run_id, None, CONFIG_ARTIFACT, yaml.safe_dump(cfg.model_dump(mode="json")))
+
+
+def trial_metrics(spec: float, gen: float, base: tuple = (0.2, 0.8), curve: dict | None = None,
+                  chosen: float | None = None) -> dict:
+    """A finished trial's last-epoch metrics as the worker logs them, both headline metrics alike: specialized
+    ``spec`` and general ``gen`` on both parts, their changes against the baseline ``base`` with paired intervals
+    (±3 points), and its WiSE-FT curve on both parts (``curve``: ``{alpha: (spec, gen)}``, ``chosen`` alpha)."""
+    from study.vocabulary import changes
+
+    m = {"weight_change_norm": 1.0, "steps": 100, "test/specialized_images": 400, "test/general_images": 500,
+         "test/specialized_mcnemar_p": 0.01}
+    baseline = {f"{part}/{role}_{metric}": b for part in ("val", "test") for role, b in zip(("specialized", "general"), base)
+                for metric in ("top1", "balanced_accuracy")}
+    for part in ("val", "test"):
+        for metric in ("top1", "balanced_accuracy"):
+            m[f"{part}/specialized_{metric}"], m[f"{part}/general_{metric}"] = spec, gen
+    m.update(changes(m, baseline))
+    for role, value, b in (("specialized", spec, base[0]), ("general", gen, base[1])):
+        for metric in ("top1", "balanced_accuracy"):
+            m[f"test/{role}_{metric}_gain_ci_low"] = value - b - 0.03
+            m[f"test/{role}_{metric}_gain_ci_high"] = value - b + 0.03
+    for alpha, (s, g) in (curve or {}).items():
+        point = {f"{part}/{role}_{metric}": v for part in ("val", "test") for role, v in (("specialized", s), ("general", g))
+                 for metric in ("top1", "balanced_accuracy")}
+        point.update(changes(point, baseline))
+        m.update({k.replace("/", f"/wiseft/alpha_{alpha:g}/", 1): v for k, v in point.items()})
+        if alpha == chosen:
+            m["wiseft_best_alpha"] = alpha
+            m.update({k.replace("/", "/wiseft_best_", 1): v for k, v in point.items()})
+    return m
+
+
+def log_study(uri: str, experiment: str, trials: list, base: tuple = (0.2, 0.8), versions: dict | None = None,
+              headline: str = "balanced_accuracy") -> str:
+    """A finished sweep as study.run records it, in the store at ``uri``: the parent run (config, model and data
+    params, run name), the baseline (specialized ``base[0]``, general ``base[1]`` on both parts and metrics) and
+    ``trials`` (``(settings dict, metrics)``, numbered t01...); every run tagged with ``versions``
+    (``{package: version}``). Returns the parent run id."""
+    from mlflow.tracking import MlflowClient
+
+    from study.settings import TrialSettings
+    from study.tracking import log_dict_artifact
+
+    c = MlflowClient(uri)
+    exp = c.create_experiment(experiment)
+    tags = {f"version.{k}": v for k, v in (versions or {}).items()}
+    parent = c.create_run(exp, run_name="sweep 10:00:00 2026-12-01", tags={"study.kind": "sweep", **tags}).info.run_id
+    for k, v in {"model.name": "clip-study-tiny", "data.finetune.source": "offline:micrographs"}.items():
+        c.log_param(parent, k, v)
+    log_sweep_config(c, parent, headline)
+    baseline = c.create_run(exp, tags={"mlflow.parentRunId": parent, "study.kind": "baseline", **tags}).info.run_id
+    values = {f"{part}/{role}_{m}": b for part in ("val", "test") for role, b in zip(("specialized", "general"), base)
+              for m in ("top1", "balanced_accuracy")}
+    values.update({f"test/{role}_chance_{m}": 0.25 for role in ("specialized", "general")
+                   for m in ("top1", "balanced_accuracy")})
+    log_final_records(c, baseline, values)
+    c.set_terminated(baseline)
+    for i, (settings, metrics) in enumerate(trials, 1):
+        run = c.create_run(exp, run_name=f"t{i:02d}", tags={
+            "mlflow.parentRunId": parent, "study.kind": "trial", "study.trial_id": f"{i:08x}",
+            "study.trial_number": str(i), "study.status": "FINISHED", **tags}).info.run_id
+        log_final_records(c, run, metrics)
+        log_dict_artifact(c, run, TrialSettings(**settings).model_dump(), "trial_config.json")
+        c.set_terminated(run)
+    c.set_terminated(parent)
+    return parent

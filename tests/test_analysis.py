@@ -125,23 +125,31 @@ def test_single_trial_study_says_so(tmp_path):
 
 def test_wiseft_curves_are_drawn_where_logged(tmp_path):
     trials = [_trial(1e-3 * (i + 1), 4, 0.25 * (i + 1), 0, 0.25 + 0.05 * i, 0.75 - 0.05 * i) for i in range(4)]
-    for _, _, m in trials:  # the α curve on validation: alpha 0 is the baseline, 1 the fine-tuned model
-        for a in (0.0, 0.5, 1.0):
-            m[f"val/wiseft/alpha_{a:g}/specialized_top1"] = 0.20 + a * (m["val/specialized_top1"] - 0.20)
-            m[f"val/wiseft/alpha_{a:g}/general_top1"] = 0.80 + a * (m["val/general_top1"] - 0.80)
-        m["wiseft_best_alpha"] = 0.5  # chosen on validation; its test numbers are logged once
-        m["test/wiseft_best_specialized_top1"] = 0.20 + 0.5 * (m["test/specialized_top1"] - 0.20)
-        m["test/wiseft_best_general_top1"] = 0.80 + 0.5 * (m["test/general_top1"] - 0.80)
+    for _, _, m in trials:  # the α curve on both parts: alpha 0 is the baseline, 1 the fine-tuned model
+        for part in ("val", "test"):
+            for metric in ("top1", "balanced_accuracy"):
+                for role, base in (("specialized", 0.20), ("general", 0.80)):
+                    for a in (0.0, 0.5, 1.0):
+                        m[f"{part}/wiseft/alpha_{a:g}/{role}_{metric}"] = base + a * (m[f"{part}/{role}_{metric}"] - base)
+        m["wiseft_best_alpha"] = 0.5  # chosen on validation
+        for role in ("specialized", "general"):
+            for metric in ("top1", "balanced_accuracy"):
+                m[f"test/wiseft_best_{role}_{metric}"] = m[f"test/wiseft/alpha_0.5/{role}_{metric}"]
     uri, c, parent = _study(tmp_path, trials)
     rec = load_study(uri, "s")
     assert len(rec.wiseft) == 4 and [a for a, _, _ in rec.wiseft["t0000000"]] == [0.0, 0.5, 1.0]
+    # The figure draws the trade-off map's metric and units: the headline's change in points against the baseline,
+    # on the test part (alpha 0 is the origin; t0000003, specialized 40% and general 60%, halfway at 0.5).
+    assert rec.wiseft_part == "test"
+    assert [v for point in rec.wiseft["t0000003"] for v in point] == pytest.approx([0, 0, 0, 0.5, 10, -10, 1, 20, -20])
     from analysis.report import run_analysis
 
     report, _ = run_analysis(read_sweep(uri, "s", parent), tmp_path / "out")
     assert (report.parent / "wiseft_curves.png").stat().st_size > 0
     assert "wiseft_curves.png" in report.read_text()
     # The chosen trial (specialized 40%, general 60%) at the alpha validation chose, 0.5: 30% and 70% on test.
-    assert "validation chose α = 0.5; there, test top-1 was specialized 30.0% and general 70.0%" in report.read_text()
+    assert ("validation chose α = 0.5 by mean balanced accuracy; there, test balanced accuracy was specialized 30.0% "
+            "and general 70.0%") in report.read_text()
 
 
 def test_older_runs_without_some_metrics(tmp_path):

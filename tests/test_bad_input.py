@@ -142,7 +142,7 @@ CASES = [
     R("name-empty", ["--name", ""], "--name", "name:"),
     R("name-too-long", ["--name", "n" * 300], "--name", "name:"),
     # ---- the space file
-    R("space-missing", ["--space", "{tmp}/nope.yaml"], "{tmp}/nope.yaml", "not found", "default, pareto"),
+    R("space-missing", ["--space", "{tmp}/nope.yaml"], "{tmp}/nope.yaml", "not found", "default, methods, pareto"),
     R("space-is-a-folder", ["--space", "{tmp}"], "{tmp}", "is a directory"),
     R("space-malformed", ["--space", SPACE], SPACE, "malformed YAML at line 1", files=["malformed"]),
     R("space-duplicate-key", ["--space", SPACE], SPACE, "line 4", "duplicate key \"learning_rate\"", files=["dup"]),
@@ -189,6 +189,11 @@ CASES = [
     R("nothing-trains", ["--set", "lora_blocks=0", "--set", "train_projections=false", "--set",
                          "train_logit_scale=false"], "nothing to train"),
     R("nothing-to-search", ["--set", "params={lora_rank: 4}"], "--set params", "nothing to search"),
+    R("method-unknown", ["--set", "method=adapters"], "--set method", "params.method", "'adapters'"),
+    R("projections-with-nothing-to-train", ["--set", "method=projections", "--set", "train_projections=false",
+                                            "--set", "train_logit_scale=false"], "nothing to train: method projections"),
+    R("stratified-without-categorical", ["--set", "search.sampler=stratified", "--set", "lora_rank=4", "--set",
+                                         "lora_blocks=2"], "--set search.sampler", "needs a categorical knob"),
     # ---- other sections
     R("objective-unknown-metric", ["--set", "search.objective=[{metric: accuracy}]"], "search.objective.0.metric"),
     R("objective-bad-mode", ["--set", "search.objective=[{metric: specialized_top1, mode: up}]"],
@@ -307,6 +312,12 @@ CASES = [
       files=("store", "afile")),
     A("analysis-out-unwritable", ["--out", "/proc/clip-study-report"], "--out", "cannot write"),
     A("analysis-unknown-flag", ["--html"], "unrecognized arguments: --html", files=()),
+    A("compare-unknown-sweep", ["compare", "nope"], "SWEEP 'nope'", "no MLflow experiment named 'nope'"),
+    A("compare-store-missing", ["compare", "sqlite:///{tmp}/none.db::s"], "SWEEP 'sqlite:///{tmp}/none.db::s'",
+      "no MLflow store"),
+    A("compare-not-a-sweep", ["compare", "{run}"], "SWEEP '{run}'", "is not a sweep"),
+    A("compare-out-below-a-file", ["compare", "clip-alignment-study", "--out", "{tmp}/afile/cmp"], "--out",
+      "which is a file", files=("store", "afile")),
 ]
 
 

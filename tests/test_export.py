@@ -155,3 +155,26 @@ def test_export_bad_input_exits_2_with_one_line(tmp_path, argv, message):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), proc.stderr
     assert not (tmp_path / "exports").exists()
+
+
+@pytest.mark.slow
+def test_every_methods_export_reproduces_its_trials_logged_metrics(tmp_path, smoke_cache):
+    """One smoke trial per method (search_spaces/methods.yaml, stratified over the methods): each trial's exported
+    checkpoint, loaded by open_clip alone, reproduces every metric the trial logged within 1e-5; its adapter
+    artifact holds the tensors the method trains and no peft adapter unless the method is LoRA."""
+    proc = run_cli(["--space", "methods", "--smoke-test", "--trials", "5", "--set", "lora_blocks=1"], tmp_path,
+                   smoke_cache, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    c, runs = mlflow_runs(tmp_path, "clip-alignment-methods")
+    trials = [r for r in runs if r.data.tags["study.kind"] == "trial"]
+    assert sorted(r.data.params["method"] for r in trials) == ["attention", "bitfit", "full", "lora", "projections"]
+    for trial in trials:
+        m, tid = run_metrics(c, trial), trial.data.tags["study.trial_id"]
+        adapter = {a.path for a in c.list_artifacts(trial.info.run_id, "adapter")}
+        assert ("adapter/adapter_model.safetensors" in adapter) == (trial.data.params["method"] == "lora")
+        _export(tmp_path, "--run-id", trial.info.run_id)
+        metrics = _evaluate_checkpoint(tmp_path / "exports" / f"{tid}.pt", smoke_cache)
+        compared = [k for k in metrics if k in m and not k.endswith("images") and "/wiseft" not in k]
+        assert len(compared) >= 40
+        for k in compared:
+            assert metrics[k] == pytest.approx(m[k], abs=1e-5), (trial.data.params["method"], k)

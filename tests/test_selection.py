@@ -66,7 +66,7 @@ def test_a_tie_gives_the_same_best_trial_in_the_summary_and_in_the_report(tmp_pa
     summary = format_summary(sweep, cfg, uri)
     named = re.search(r"best trial (\w+)", summary).group(1)
     report, lines = run_analysis(sweep, tmp_path / "out")
-    in_report = re.search(r"was (\w+) \(learning rate", " ".join(lines)).group(1)
+    in_report = re.search(r"was (\w+) \(LoRA", " ".join(lines)).group(1)
     assert named == in_report == "ffff0002"
     assert "ffff0002" in report.read_text()
     # the same whatever order the runs come in

@@ -1,4 +1,13 @@
-"""The trainable alignment module: peft LoRA on the last K blocks, projections, temperature.
+"""The trainable alignment module: the last K blocks of the chosen towers as the trial's method trains them, the
+projections and the temperature.
+
+Methods (``TrialSettings.method``), each on the last K residual blocks of each tower in ``lora_towers``:
+
+- ``lora``: peft LoRA adapters on ``lora_targets`` (the block weights stay frozen);
+- ``full``: every parameter of those blocks (attention, MLP, LayerNorms);
+- ``bitfit``: their bias terms only, LayerNorm biases included (BitFit, Ben Zaken et al., arXiv 2106.10199);
+- ``attention``: the attention module's own parameters (``attn.in_proj_*``, ``attn.out_proj.*``), no adapters;
+- ``projections``: no block; only the projection heads and the temperature.
 
 open_clip's residual blocks hold an ``nn.MultiheadAttention`` (``attn``) and an
 MLP (``mlp.c_fc``, ``mlp.c_proj``). peft >= 0.14 wraps a whole
@@ -19,25 +28,50 @@ from ..settings import TrialSettings
 
 TOWER_PREFIX = {"image": "visual.transformer.resblocks", "text": "transformer.resblocks"}
 PROJECTIONS = ("visual.proj", "text_projection")
+#: which parameters of a trained block each method without adapters trains, by name inside the block
+BLOCK_PARAMETERS = {
+    "full": lambda name: True,
+    "bitfit": lambda name: name.rpartition(".")[2].endswith("bias"),  # attn.in_proj_bias, mlp.c_fc.bias, ln_1.bias
+    "attention": lambda name: name.startswith("attn."),
+}
 
 
-def lora_target_regex(model: torch.nn.Module, s: TrialSettings) -> str | None:
-    """Full-match regex over module names for the LoRA targets (None when LoRA is off)."""
-    names = []
-    for tower in s.lora_towers:
+def trained_blocks(model: torch.nn.Module, s: TrialSettings) -> list[str]:
+    """Module names of the residual blocks ``s`` trains: the last ``s.trained_blocks`` of each tower in
+    ``s.lora_towers``, e.g. ``["visual.transformer.resblocks.2", "transformer.resblocks.2"]``."""
+    out = []
+    for tower in s.lora_towers if s.trained_blocks else []:
         prefix = TOWER_PREFIX[tower]
         blocks = sorted({int(m.group(1)) for n, _ in model.named_modules()
                          if (m := re.fullmatch(re.escape(prefix) + r"\.(\d+)", n))})
-        for b in blocks[len(blocks) - s.lora_blocks:] if s.lora_blocks else []:
-            if "attn" in s.lora_targets:
-                names.append(f"{prefix}.{b}.attn")
-            if "mlp" in s.lora_targets:
-                names += [f"{prefix}.{b}.mlp.c_fc", f"{prefix}.{b}.mlp.c_proj"]
+        out += [f"{prefix}.{b}" for b in blocks[max(0, len(blocks) - s.trained_blocks):]]
+    return out
+
+
+def lora_target_regex(model: torch.nn.Module, s: TrialSettings) -> str | None:
+    """Full-match regex over module names for the LoRA targets (None when the method is not LoRA, or LoRA is off)."""
+    names = []
+    for block in trained_blocks(model, s) if s.method == "lora" else []:
+        if "attn" in s.lora_targets:
+            names.append(f"{block}.attn")
+        if "mlp" in s.lora_targets:
+            names += [f"{block}.mlp.c_fc", f"{block}.mlp.c_proj"]
     return "|".join(re.escape(n) for n in names) or None
 
 
+def block_parameters(model: torch.nn.Module, s: TrialSettings) -> list[str]:
+    """Names of the block parameters a method without adapters (``full``, ``bitfit``, ``attention``) trains in
+    ``model`` (open_clip's, unwrapped); ``[]`` for ``lora`` and ``projections``."""
+    keep = BLOCK_PARAMETERS.get(s.method)
+    if keep is None:
+        return []
+    return [f"{block}.{n}" for block in trained_blocks(model, s)
+            for n, _ in model.get_submodule(block).named_parameters() if keep(n)]
+
+
 def apply_alignment_module(model: torch.nn.Module, s: TrialSettings) -> torch.nn.Module:
-    """Freeze ``model`` and make only the alignment module trainable; returns the (peft-wrapped) model."""
+    """Freeze ``model`` and make only the alignment module of ``s.method`` trainable; returns the model (peft-wrapped
+    for LoRA)."""
     for p in model.parameters():
         p.requires_grad_(False)
     target = lora_target_regex(model, s)
@@ -47,6 +81,8 @@ def apply_alignment_module(model: torch.nn.Module, s: TrialSettings) -> torch.nn
         cfg = LoraConfig(r=s.lora_rank, lora_alpha=s.lora_alpha or 2 * s.lora_rank, lora_dropout=0.0,
                          target_modules=f"^(?:{target})$", bias="none")
         model = get_peft_model(model, cfg)
+    for name in block_parameters(model, s):
+        model.get_parameter(name).requires_grad_(True)
     base = unwrap(model)
     for name in PROJECTIONS:
         if _has(base, name):
@@ -95,8 +131,7 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
 
 def tower_is_frozen(s: TrialSettings, tower: str) -> bool:
     """True when a trial leaves ``tower`` (``image``/``text``) exactly as the base model has it."""
-    lora = s.lora_blocks > 0 and bool(s.lora_targets) and tower in s.lora_towers
-    return not lora and not s.train_projections
+    return not (s.trained_blocks and tower in s.lora_towers) and not s.train_projections
 
 
 def weight_change_norm(model: torch.nn.Module, initial: dict[str, torch.Tensor]) -> float:
@@ -106,7 +141,8 @@ def weight_change_norm(model: torch.nn.Module, initial: dict[str, torch.Tensor])
     ``nn.MultiheadAttention`` it is measured from the weights peft's own merge produces (the merge its forward
     runs on every call): peft <= 0.21 adds the ``out_proj`` delta twice there, once in the attention's merge
     and once in the nested Linear's (huggingface/peft#3774), so the effective change is not the sum of the
-    layers' ``get_delta_weight``. For the projections and temperature, the change from ``initial``.
+    layers' ``get_delta_weight``. For every other trainable tensor (the projections and temperature, and the block
+    weights of ``full``, ``bitfit`` and ``attention``), the change from ``initial``.
     """
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import MultiheadAttention as LoraMHA
@@ -140,7 +176,8 @@ def _merged_change(module) -> float:
 
 
 def save_adapter(model: torch.nn.Module, out_dir: Path) -> Path:
-    """Write the peft adapter (if any) and the other trainable tensors as safetensors under ``out_dir``."""
+    """Write the peft adapter (if any) and the other trainable tensors (the projections and temperature, and the
+    trained block tensors of a method without adapters) as safetensors under ``out_dir``: only what trains."""
     from safetensors.torch import save_file
 
     m = undistributed(model)

@@ -1,5 +1,6 @@
 """A trial's fine-tuned model as a plain open_clip model: the base weights, the trial's adapter (``save_adapter``'s
-folder) loaded back, an optional WiSE-FT alpha, and LoRA merged into the weights.
+folder: LoRA adapters, or the trained block tensors of a method without adapters, and the projections and
+temperature) loaded back, an optional WiSE-FT alpha, and LoRA merged into the weights.
 
 :func:`trained_model` rebuilds the trial's peft model exactly as the worker had it at its last epoch;
 :func:`merged_clip` folds the adapters in (peft's ``merge_and_unload``), so the result is open_clip's own
@@ -22,7 +23,7 @@ from .alignment import apply_alignment_module, trainable_state, unwrap
 from .models import LoadedModel, load_base_model
 
 ADAPTER_FILE = "adapter_model.safetensors"      # peft's save_pretrained
-ALIGNMENT_FILE = "alignment_params.safetensors"  # projections and temperature (save_adapter)
+ALIGNMENT_FILE = "alignment_params.safetensors"  # every other trained tensor: projections, temperature, blocks
 
 
 class ExportError(ValueError):
@@ -42,8 +43,7 @@ def trained_model(model_name: str, pretrained: str | None, settings: TrialSettin
     lm = load_base_model(model_name, pretrained)
     model = apply_alignment_module(lm.model, settings)
     initial = trainable_state(model)
-    params = dict(model.named_parameters())
-    trained = dict(initial)
+    trained, loaded = dict(initial), set()
     for name in (ADAPTER_FILE, ALIGNMENT_FILE):
         path = adapter_dir / name
         if not path.exists():
@@ -53,11 +53,16 @@ def trained_model(model_name: str, pretrained: str | None, settings: TrialSettin
                 continue
             raise ExportError(f"{path}: missing (expected from the trial's adapter artifact)")
         for n, t in load_file(str(path)).items():
-            key = n if n in params else _peft_key(n)
-            if key not in params or params[key].shape != t.shape:
+            key = n if n in initial else _peft_key(n)
+            if key not in initial or initial[key].shape != t.shape:
                 raise ExportError(f"{path}: tensor {n!r} {tuple(t.shape)} does not fit {model_name} with these "
-                                  f"settings (lora_rank {settings.lora_rank}, lora_blocks {settings.lora_blocks})")
+                                  f"settings (method {settings.method}, lora_rank {settings.lora_rank}, lora_blocks "
+                                  f"{settings.lora_blocks})")
             trained[key] = t
+            loaded.add(key)
+    if missing := sorted(set(initial) - loaded):
+        raise ExportError(f"{adapter_dir}: holds no tensor for {missing[0]!r} ({len(missing)} trained tensors missing; "
+                          f"method {settings.method})")
     interpolate(model, initial, trained, alpha)
     return LoadedModel(model, lm.preprocess, lm.tokenizer)
 

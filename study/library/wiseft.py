@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..settings import TrialSettings
-from ..vocabulary import (GENERAL_TOP1, SPECIALIZED_TOP1, TEST, VAL, WISEFT_BEST, WISEFT_BEST_ALPHA, WISEFT_REPORTED,
-                          changes, key, wiseft_key)
+from ..vocabulary import (HEADLINES, TEST, VAL, WISEFT_BEST, WISEFT_BEST_ALPHA, WISEFT_REPORTED, changes, headline,
+                          key, wiseft_key)
 from .alignment import apply_alignment_module, load_trainable_state, undistributed, unwrap
 from .models import load_base_model
 from .prefix import SuffixEncoder
@@ -23,8 +23,8 @@ def interpolate(model: torch.nn.Module, initial: dict[str, torch.Tensor], traine
     """WiSE-FT: scale the trained change by ``alpha`` in place.
 
     LoRA deltas are scaled through peft's ``set_scale`` (``alpha * lora_alpha / r``), since the delta
-    ``B @ A`` is bilinear in the adapter weights; projections and temperature become
-    ``initial + alpha * (trained - initial)``. ``alpha = 0`` gives the base model exactly (the delta is
+    ``B @ A`` is bilinear in the adapter weights; every other trained tensor (projections, temperature, the block
+    weights of ``full``, ``bitfit`` and ``attention``) becomes ``initial + alpha * (trained - initial)``. ``alpha = 0`` gives the base model exactly (the delta is
     multiplied by zero), ``alpha = 1`` the fine-tuned one.
     """
     from peft.tuners.lora import LoraLayer
@@ -41,17 +41,26 @@ def interpolate(model: torch.nn.Module, initial: dict[str, torch.Tensor], traine
 
 
 
+def choose_alpha(validation: dict[float, dict], select: str) -> float:
+    """The WiSE-FT alpha a trial reports: the one whose validation metrics (``{alpha: {"val/<metric>": value}}``, in
+    the study's grid order) maximise ``select`` (e.g. ``mean_balanced_accuracy``); the first in grid order on a tie.
+    Test metrics never enter the choice."""
+    order = list(validation)
+    return max(order, key=lambda a: (validation[a][key(VAL, select)], -order.index(a)))
+
+
 def wiseft_curve(model_name: str, pretrained: str | None, settings: TrialSettings, trained: dict, initial: dict,
                  sets, device, alphas: list[float], select: str, baseline: dict, collapse_share: float = 0.9,
                  depths: dict | None = None, memo: dict | None = None) -> dict:
-    """Evaluate the model with its trained change scaled by each of ``alphas`` on the validation parts of
-    ``sets``, pick the alpha that maximises ``select`` there, and score the test parts at that alpha only.
+    """Evaluate the model with its trained change scaled by each of ``alphas`` on both parts of ``sets``, and pick
+    the alpha that maximises ``select`` on the validation part alone (the first such alpha on a tie).
 
     ``trained``/``initial``: :func:`~study.library.alignment.trainable_state` after and before training;
-    ``sets``: the study's :class:`~study.library.benchmarks.EvalSet` list (both parts); ``select``:
-    ``specialized_top1``, ``general_top1`` or ``mean_top1``. Returns flat metrics:
-    ``val/wiseft/alpha_<a>/<metric>`` for every alpha, ``wiseft_best_alpha``, ``val/wiseft_best_<metric>``
-    and ``test/wiseft_best_<metric>``.
+    ``sets``: the study's :class:`~study.library.benchmarks.EvalSet` list (both parts); ``select``: a headline
+    metric of one role or the mean of both (``specialized_top1``, ``general_balanced_accuracy``, ``mean_top1``,
+    ``mean_balanced_accuracy``...). Returns flat metrics: ``val/wiseft/alpha_<a>/<metric>`` and
+    ``test/wiseft/alpha_<a>/<metric>`` for every alpha (the test curve reports the trade-off, e.g. the exchange
+    rate; it never chooses), ``wiseft_best_alpha``, and ``val/``/``test/wiseft_best_<metric>`` at that alpha.
 
     The interpolated models are built on a freshly loaded base model, so that alpha = 0 is the base
     model bit for bit (training drifts peft's merged attention weights by round-off). With ``depths`` (the
@@ -68,20 +77,19 @@ def wiseft_curve(model_name: str, pretrained: str | None, settings: TrialSetting
         values, _, _ = evaluate_sets(encoder, lm.tokenizer, [s for s in sets if s.split == split], device,
                                      seed=settings.seed, collapse_share=collapse_share)
         values.update(changes(values, baseline))
-        values[key(split, "mean_top1")] = (values[key(split, SPECIALIZED_TOP1)] + values[key(split, GENERAL_TOP1)]) / 2
+        for head in HEADLINES:  # mean_top1, mean_balanced_accuracy: both roles weighed alike
+            values[key(split, f"mean_{head}")] = (values[key(split, headline("specialized", head))]
+                                                  + values[key(split, headline("general", head))]) / 2
         return values
 
-    out, best = {}, None
+    out, curve = {}, {}
     for alpha in alphas:
         interpolate(model, initial, trained, alpha)
-        values = scores(VAL)
-        out.update({wiseft_key(alpha, k): v for k, v in values.items() if not k.endswith("images")})
-        if best is None or values[key(VAL, select)] > best[1][key(VAL, select)]:
-            best = (alpha, values)
-    alpha, val_values = best
-    interpolate(model, initial, trained, alpha)
-    test_values = scores(TEST)
+        curve[alpha] = {split: scores(split) for split in (VAL, TEST)}
+        for values in curve[alpha].values():
+            out.update({wiseft_key(alpha, k): v for k, v in values.items() if not k.endswith("images")})
+    alpha = choose_alpha({a: curve[a][VAL] for a in alphas}, select)
     out[WISEFT_BEST_ALPHA] = alpha
-    for split, values in ((VAL, val_values), (TEST, test_values)):
+    for split, values in curve[alpha].items():
         out.update({key(split, WISEFT_BEST + k): values[key(split, k)] for k in WISEFT_REPORTED if key(split, k) in values})
     return out

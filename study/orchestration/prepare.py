@@ -86,7 +86,8 @@ def prefix_plan(cfg: StudyConfig, clip) -> Optional[dict]:
     if why := unsupported(clip):
         print(f"[study] frozen-prefix cache off: {why}", flush=True)
         return None
-    blocks = max(int(v) for v in cfg.space.values("lora_blocks"))
+    # The most blocks any trial trains (projection-only trials train none).
+    blocks = 0 if set(cfg.space.values("method")) <= {"projections"} else max(int(v) for v in cfg.space.values("lora_blocks"))
     depths = prefix_depths(clip, blocks, set(cfg.space.values("lora_towers")))
     total = tower_depths(clip)
     print("[study] frozen-prefix cache: the first " + " and ".join(f"{d} of {total[t]} blocks of the {t} tower"

@@ -165,6 +165,11 @@ def make_sampler(cfg: StudyConfig, seed: int):
     s = optuna.samplers
     if name == "tpe":
         return s.TPESampler(seed=seed, n_startup_trials=min(4, cfg.search.trials))
+    if name == "stratified":
+        from .stratified import StratifiedSampler
+
+        return StratifiedSampler({k: len(d.choices) for k, d in cfg.space.searched.items() if isinstance(d, Categorical)},
+                                 seed=seed)
     return picklable({"random": s.RandomSampler, "qmc": s.QMCSampler, "gp": s.GPSampler, "cmaes": s.CmaEsSampler,
                       "nsgaii": s.NSGAIISampler, "nsgaiii": s.NSGAIIISampler}[name](seed=seed))
 

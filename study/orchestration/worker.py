@@ -251,8 +251,7 @@ def cached_depths(job: WorkerJob, clip: torch.nn.Module) -> Optional[dict]:
     from ..library.prefix import tower_depths
 
     s, total = job.settings, tower_depths(clip)
-    trained = s.lora_blocks if s.lora_blocks and s.lora_targets else 0
-    return d if all(total[t] - d[t] >= trained for t in s.lora_towers) else None
+    return d if all(total[t] - d[t] >= s.trained_blocks for t in s.lora_towers) else None
 
 
 def training_pairs(job: WorkerJob, lm, depths: Optional[dict], device) -> Pairs:
@@ -281,8 +280,7 @@ def restore(w: Worker, checkpoint) -> None:
     load_trainable_state(w.model, state["trainable"])
     w.opt.load_state_dict(state["optimizer"])
     w.sched.load_state_dict(state["scheduler"])
-    w.start_epoch = state["epoch"]
-    w.initial = state["initial"]
+    w.start_epoch = state["epoch"]  # w.initial stays setup's: the base model's tensors (checkpoints hold no copy)
     if (Path(d) / "metrics.json").exists():  # rank 0's result of that epoch (older checkpoints lack it)
         w.restored_metrics = json.loads((Path(d) / "metrics.json").read_text())
     if (Path(d) / "history.json").exists():
@@ -360,7 +358,7 @@ def evaluate(w: Worker, final: bool) -> dict:
     metrics = {**values, **changes(values, job.baseline), "weight_change_norm": weight_change_norm(w.model, w.initial)}
     if final and job.evaluation.wiseft_alphas:
         metrics.update(wiseft_curve(job.model_name, job.model_pretrained, s, trainable_state(w.model), w.initial,
-                                    w.sets, w.device, job.evaluation.wiseft_alphas, job.evaluation.wiseft_select,
+                                    w.sets, w.device, job.evaluation.wiseft_alphas, job.evaluation.wiseft_metric,
                                     job.baseline, job.evaluation.collapse_share, depths=w.depths, memo=w.memo))
     metrics["eval_seconds"] = time.time() - t0
     if w.logger:
@@ -380,9 +378,10 @@ def checkpoint_and_report(w: Worker, epoch: int, metrics: dict) -> None:
             w.logger.close()
     with tempfile.TemporaryDirectory() as tmp:
         if w.rank == 0:
+            # Only the trained tensors and their optimizer state: the frozen rest, and the trained tensors' values
+            # before training (w.initial), come back from the base model that every attempt loads.
             torch.save({"trainable": trainable_state(w.model), "optimizer": w.opt.state_dict(),
-                        "scheduler": w.sched.state_dict(), "epoch": epoch + 1, "initial": w.initial},
-                       Path(tmp) / "state.pt")
+                        "scheduler": w.sched.state_dict(), "epoch": epoch + 1}, Path(tmp) / "state.pt")
             (Path(tmp) / "metrics.json").write_text(json.dumps(metrics, default=float))  # numpy scalars too
             w.history[epoch + 1] = metrics
             (Path(tmp) / "history.json").write_text(json.dumps(w.history, default=float))
