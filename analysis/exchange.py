@@ -129,7 +129,7 @@ def rate_sentence(rates: list[ExchangeRate], head: str) -> str:
     if parts:
         text = (f"Exchange rate ({metric_words(head)}, test part, trials and their WiSE-FT curves, bootstrap 95% "
                 f"interval over trials): each point of specialized gain cost " + _join(parts) + " (a negative rate: "
-                f"general accuracy rose with it)" * any(r.rate < 0 for r in known) + ".")
+                "general accuracy rose with it)" * any(r.rate < 0 for r in known) + ".")
     few = [r for r in rates if not r.enough]
     if few:
         text += (" " if text else "") + "Exchange rate: " + "; ".join(
