@@ -141,16 +141,18 @@ def training_input(c, parent_run_id: str) -> dict | None:
     return None
 
 
-def subset_input(training: dict, fraction: float):
+def subset_input(training: dict, fraction: float, shots: Optional[int] = None):
     """A trial's fine-tuning data as an MLflow dataset input: the sweep's ``training`` set (its
-    :func:`training_input`) at ``data_fraction`` ``fraction``, a nested subset drawn with ``data.seed``, so
-    its digest follows from the set's and the fraction."""
+    :func:`training_input`) at ``data_fraction`` ``fraction`` or ``shots`` per class, a nested subset drawn with
+    ``data.seed``, so its digest follows from the set's and the fraction or k."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     from .library.cache import fingerprint
 
     name = training["name"] if fraction == 1 else f"{training['name']} f={fraction:.3g}"
-    return DatasetInput(Dataset(name, fingerprint(training["digest"], fraction), training["source_type"],
+    name = f"{training['name']} k={shots}" if shots is not None else name
+    digest = fingerprint(training["digest"], fraction) if shots is None else fingerprint(training["digest"], "k", shots)
+    return DatasetInput(Dataset(name, digest, training["source_type"],
                                 training["source"]), tags=[InputTag("mlflow.data.context", "training")])
 
 
