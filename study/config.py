@@ -511,6 +511,7 @@ def load_study_config(path: Path | str | None = None, overrides: list[Override] 
     cfg._space = _validate_params(cfg.params, blame)
     cfg.data = cfg.data.resolved(str(path))
     if cfg.params.get("shots_per_class") is not None and not cfg.data.finetune.label_column:
-        raise ConfigError(f"{blame('params.shots_per_class')}: params.shots_per_class: k-shot takes k images of each "
-                          f"class, but data.finetune has no labels (captions only); set data.finetune.label_column")
+        raise ConfigError(f"{blame('data.finetune.label_column')}: data.finetune.label_column: params.shots_per_class "
+                          f"takes k images of each class, but data.finetune has no labels (captions only); name its "
+                          f"label column")
     return cfg

@@ -99,7 +99,8 @@ def distance_closed(zero_shot: float, tuned: float, probe: float, gain_low: floa
     features reach with labels) the fine-tuned model closed, worded no further than the numbers allow: the share
     ``(tuned - zero_shot) / (probe - zero_shot)`` with the paired 95% interval of the gain (``gain_low``,
     ``gain_high``) as shares of that distance; "not distinguishable from none" when that interval holds 0; no share at
-    all when the probe is not above zero-shot by half a point. Accuracies as fractions, e.g.
+    all when the probe is not above zero-shot by half a point, and a warning when the probe's own 95% interval
+    (``probe_low``, ``probe_high``) holds the zero-shot score. Accuracies as fractions, e.g.
     ``"zero-shot 42.0% → 58.1%; the baseline's linear probe reaches 81.5%, so fine-tuning closed 41% of the distance
     (the gain's paired 95% CI: 30% to 52% of it)"``."""
     ceiling = f"the baseline's linear probe reaches {probe:.1%}"
@@ -108,7 +109,9 @@ def distance_closed(zero_shot: float, tuned: float, probe: float, gain_low: floa
     head = f"zero-shot {zero_shot:.1%} → {tuned:.1%}; {ceiling}"
     gap = probe - zero_shot
     if not gap > 0.005:
-        return f"{head}, not above zero-shot, so there is no distance to close on this benchmark"
+        return f"{head}, no more than half a point above zero-shot, so there is no distance to close on this benchmark"
+    if probe_low <= zero_shot:  # (False when the interval is unknown)
+        head += ", an interval that holds the zero-shot score, so the distance itself is uncertain"
     share = (tuned - zero_shot) / gap
     known = not (math.isnan(gain_low) or math.isnan(gain_high))
     interval = f" (the gain's paired 95% CI: {gain_low / gap:.0%} to {gain_high / gap:.0%} of it)" if known else ""
