@@ -107,6 +107,7 @@ def dataset_inputs(data, context_of: dict[str, str]) -> list:
     from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
+    from .library import webdataset
     from .library.cache import fingerprint, source_stamp
     from .library.sources import OFFLINE_PREFIX
 
@@ -115,9 +116,11 @@ def dataset_inputs(data, context_of: dict[str, str]) -> list:
             return "code", json.dumps({"tags": {"generator": "study.library.synthetic",
                                                 "domain": spec.source[len(OFFLINE_PREFIX):]}})
         path = Path(spec.source).expanduser()
+        path = path.parent if spec.source.endswith(".tar") and not path.exists() else path  # a shard pattern's folder
         if path.exists():
             return "local", json.dumps({"uri": path.resolve().as_uri()})
-        return "hugging_face", HuggingFaceDatasetSource(path=spec.source, split=spec.split,
+        hub = webdataset.repo_id(spec.source) if spec.source.startswith(webdataset.PREFIX) else spec.source
+        return "hugging_face", HuggingFaceDatasetSource(path=hub, split=spec.split,
                                                         revision=getattr(spec, "revision", None)).to_json()
 
     specs = [("finetune", "finetune", data.finetune)] if "finetune" in context_of else []

@@ -340,7 +340,7 @@ def store_key(spec: BenchmarkSpec, preprocess, seed: int, scale: float) -> str:
     """Names a benchmark's decoded store: the spec, the preprocessing, the data seed and the content stamp of
     every local file it reads (a dataset edited in place is decoded again)."""
     return fingerprint(spec.model_dump_json(exclude={"origin", "description"}), repr(preprocess), seed, scale,
-                       source_stamp(spec.source, spec.data_files))
+                       source_stamp(spec.source, spec.data_files, webdataset.pattern_files(spec.source)))
 
 
 def decode(spec: BenchmarkSpec, role: str, primary: bool, cache_dir: Path, preprocess, seed: int = 0,

@@ -87,7 +87,7 @@ def decoded_finetune(spec, data, cache_dir: Path, preprocess) -> dict:
     open the same store. Keyed by the spec, the preprocessing and the content of every local file.
     """
     key = fingerprint(spec.model_dump_json(), repr(preprocess), data.seed, data.offline_scale,
-                      source_stamp(spec.source))
+                      source_stamp(spec.source, webdataset.pattern_files(spec.source)))
     path = store_cache(cache_dir) / f"finetune-{key}"
     meta = path.with_name(path.name + ".finetune.pt")
     if not (meta.exists() and is_store(path)):  # pruning may have taken one of the two

@@ -121,8 +121,19 @@ def shard_paths(pattern: str, where: str) -> list[Path]:
     paths = [Path(n).expanduser() for n in names]
     missing = [str(p) for p in paths if not p.is_file()]
     if not paths or missing:
-        raise DataError(f"{where}: no such shard {missing[0] if missing else pattern!r}")
+        raise DataError(f"{where}: no such shard {(missing[0] if missing else pattern)!r}")
     return paths
+
+
+def pattern_files(source: Optional[str]) -> list[str]:
+    """The shards a ``.tar`` pattern source names (for cache keys: a shard rewritten in place changes the key); ``[]``
+    for any other source, or a pattern that names nothing."""
+    if not isinstance(source, str) or not source.endswith(".tar"):
+        return []
+    try:
+        return [str(p) for p in shard_paths(source, "source")]
+    except DataError:
+        return []
 
 
 def _natural(name: str):
