@@ -33,8 +33,8 @@ def test_distance_closed_claims_only_what_the_interval_allows():
 
 def test_a_k_shot_sweep_reports_the_ceiling_and_draws_shots_on_a_log_axis(tmp_path, monkeypatch):
     trials = []
-    for i, k in enumerate((1, 2, 4, 8, 16)):
-        status, params, m = _trial(1e-3, 4, 1.0, 0, 0.20 + 0.05 * i, 0.80 - 0.01 * i)
+    for i, k in enumerate((4, 8, 16)):  # 3 trials: too few for importances, which keeps this test short
+        status, params, m = _trial(1e-3, 4, 1.0, 0, 0.30 + 0.05 * i, 0.80 - 0.01 * i)
         params = {**params, "shots_per_class": k}
         trials.append((status, params, m))
     uri, c, parent = _study(tmp_path, trials, baseline={**BASELINE, **PROBE})
