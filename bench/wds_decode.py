@@ -80,10 +80,13 @@ def one_thread() -> None:
 
 
 def job_store(folder: Path, out: Path) -> dict:
-    from study.library.sources import load_source
+    import imagehash  # noqa: F401 (imported here, not inside the timing: webdataset's imports are outside it too)
+
+    from study.library.sources import datasets_quiet, load_source
     from study.library.store import build_store
 
     one_thread()
+    datasets_quiet()
     pre = preprocess()
     t0 = time.time()
     with PeakAnon() as anon:

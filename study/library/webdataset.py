@@ -302,17 +302,20 @@ def _write_split(shards: list[Path], path: Path, where: str) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{time.time_ns()}.tmp")
     tmp.mkdir(parents=True)
     try:
-        with ArrowWriter(features=features, path=str(tmp / "data.arrow"), writer_batch_size=WRITER_BATCH) as writer:
-            for shard in shards:
-                for s in samples(shard, where):
-                    if s["image"] is None:
-                        continue
-                    row = {"image": {"bytes": s["image"], "path": s["image_path"]}, "__key__": s["__key__"]}
-                    if "label" in columns:
-                        row["label"] = s["cls"]
-                    if "caption" in columns:
-                        row["caption"] = s["txt"] or []
-                    writer.write(features.encode_example(row))
+        with ArrowWriter(features=features, path=str(tmp / "data.arrow")) as writer:
+            batch = {c: [] for c in columns}
+            for s in (s for shard in shards for s in samples(shard, where) if s["image"] is not None):
+                batch["image"].append({"bytes": s["image"], "path": s["image_path"]})
+                batch["__key__"].append(s["__key__"])
+                if "label" in batch:
+                    batch["label"].append(s["cls"])
+                if "caption" in batch:
+                    batch["caption"].append(s["txt"] or [])
+                if len(batch["image"]) == WRITER_BATCH:  # a record batch of columns: no per-row encoding
+                    writer.write_batch(batch)
+                    batch = {c: [] for c in columns}
+            if batch["image"]:
+                writer.write_batch(batch)
             writer.finalize()
         tmp.rename(path)
     except OSError:
