@@ -176,7 +176,8 @@ def main(argv=None) -> int:
         base = next((b for b in rows if b["images"] == r["images"] and b["path"] == "webdataset decode loop"), None)
         if "per_s" in r:
             ratio = r["per_s"] / base["per_s"]
-            print(f"| {r['images']} | {r['path']} | {r['seconds']:.1f} | {r['per_s']:.0f} | {ratio:.2f}x | "
+            read = f" (of which {r['read_seconds']:.1f} s reading the shards)" if "read_seconds" in r else ""
+            print(f"| {r['images']} | {r['path']}{read} | {r['seconds']:.1f} | {r['per_s']:.0f} | {ratio:.2f}x | "
                   f"{r['hwm'] / 2**30:.2f} | {r['anon'] / 2**30:.2f} |")
         else:
             zs = next(b for b in rows if b["path"].startswith("zero-shot"))

@@ -402,12 +402,13 @@ def eval_sets(data, cache_dir: Path, preprocess, roles=ROLES, validation_share: 
                                          validation_share)]
 
 
-def probe_pairs(sets: list[EvalSet], cache_dir: Path, preprocess, seed: int = 0,
-                scale: float = 1.0) -> list[tuple[EvalSet, EvalSet]]:
+def probe_pairs(sets: list[EvalSet], cache_dir: Path, preprocess, seed: int = 0, scale: float = 1.0,
+                verbose: bool = False) -> list[tuple[EvalSet, EvalSet]]:
     """``(fit, test)`` for the linear probe (:mod:`.probe`) of every classification benchmark in ``sets`` (validation
     and test parts, as :func:`eval_sets` gives them): the probe is fit on the spec's ``train_split`` (decoded like the
     benchmark into a store of its own, sampled to ``train_max_images``, part ``train``) or, when it has none, on the
-    benchmark's validation part, and scored on its test part, the images of the zero-shot test numbers."""
+    benchmark's validation part, and scored on its test part, the images of the zero-shot test numbers. ``verbose``:
+    say what each train split gave."""
     out = []
     for test in [s for s in sets if s.split == "test" and s.spec.task == "classification"]:
         if test.spec.train_split:
@@ -416,6 +417,10 @@ def probe_pairs(sets: list[EvalSet], cache_dir: Path, preprocess, seed: int = 0,
             fit = decode(spec, test.role, test.primary, cache_dir, preprocess, seed, scale)
             fit.split = "train"
             fit = in_class_order(fit, test.classnames)
+            if verbose:
+                print(f"[data] {test.spec.name}: the linear probe is fit on {len(fit.images)} images of split "
+                      f"{spec.split!r} (train_max_images samples it; train_split: false fits on the validation part)",
+                      flush=True)
         else:
             fit = next(s for s in sets if s.split == "val" and s.role == test.role and s.spec.name == test.spec.name)
         out.append((fit, test))

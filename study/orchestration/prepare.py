@@ -61,7 +61,7 @@ def prepare(cfg: StudyConfig, cache_dir: Path) -> Prepared:
         print(f"[data] data.finetune: {len(ft['store'])} of {ft['rows']} rows used; skipped {ft['skipped']} images "
               f"that cannot be decoded and {ft['no_caption']} rows with an empty or missing caption", flush=True)
     sets = eval_sets(cfg.data, cache_dir, lm.preprocess, validation_share=cfg.evaluation.validation_share)
-    probes = probe_pairs(sets, cache_dir, lm.preprocess, cfg.data.seed, cfg.data.offline_scale)
+    probes = probe_pairs(sets, cache_dir, lm.preprocess, cfg.data.seed, cfg.data.offline_scale, verbose=True)
     named = {bench_where(s): s.images.whole() for s in sets}  # (where, metric name): the benchmark's whole store
     counts = check_overlap(ft["store"], {where: store for (where, _), store in named.items()}, cfg.data.max_overlap)
     overlap = {name: counts[where] for where, name in named}
