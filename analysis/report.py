@@ -161,7 +161,7 @@ def best_sentences(rec: StudyRecords, best: pd.Series) -> list[str]:
     """The trial chosen on validation: its test changes, and the best point of its WiSE-FT curve."""
     metric, mode = rec.objective
     shots = pd.to_numeric(pd.Series([best.get("shots_per_class")]), errors="coerce").iloc[0]
-    budget = (f"{int(shots)} shots per class" if not math.isnan(shots)
+    budget = (f"{int(shots)} shot{'' if shots == 1 else 's'} per class" if not math.isnan(shots)
               else f"data fraction {float(best['data_fraction']):.3g}")
     lines = [baseline_sentence(rec),
              f"The trial chosen on the validation part ({metric}, {mode}) was {best['trial_id']} (learning rate "
