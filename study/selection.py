@@ -120,7 +120,8 @@ def distance_closed(zero_shot: float, tuned: float, probe: float, gain_low: floa
     if gain_low <= 0 <= gain_high:
         return f"{head}; fine-tuning moved {share:.0%} of the distance{interval}: not distinguishable from none"
     if share < 0:
-        return f"{head}; fine-tuning moved away from it by {-share:.0%} of the distance{interval}"
+        return (f"{head}; fine-tuning moved away from it, {(tuned - zero_shot) * 100:+.1f} points: {-share:.0%} of the "
+                f"distance{interval}")
     if share > 1:
         return f"{head}, so fine-tuning went past the baseline's probe: {share:.0%} of the distance{interval}"
     return f"{head}, so fine-tuning closed {share:.0%} of the distance{interval}"
