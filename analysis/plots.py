@@ -145,8 +145,12 @@ def accuracy_vs_intensity(rec: StudyRecords, out: Path) -> Path:
 
 KNOB_LABELS = {"learning_rate": "learning rate (log scale)", "lora_rank": "LoRA rank r",
                "data_fraction": "data fraction (share of fine-tuning pairs)",
+               "shots_per_class": "shots per class k (log scale)",
                "tether_weight": "tether weight λ (MoCLIP)", "lora_blocks": "LoRA blocks K (last K per tower)",
                "lora_alpha": "LoRA alpha", "weight_decay": "weight decay", "warmup_steps": "warmup steps"}
+
+
+LOG_KNOBS = ("learning_rate", "shots_per_class")  # drawn on a log axis: the field reports k-shot as 1, 2, 4, 8, 16
 
 
 def marginals(rec: StudyRecords, out: Path) -> Path:
@@ -165,8 +169,11 @@ def marginals(rec: StudyRecords, out: Path) -> Path:
                 ax.plot(levels.index, levels.values, "-", color="black", lw=1.2, label="mean per level/bin")
                 ax.legend(fontsize=7)
             ax.axhline(0, color="0.6", lw=0.8)
-            if knob == "learning_rate" and (x > 0).any() and df[metric].notna().any():
+            if knob in LOG_KNOBS and (x > 0).any() and df[metric].notna().any():
                 ax.set_xscale("log")  # (no finished trial: nothing to place on a log axis)
+                if knob == "shots_per_class":  # k = 1, 2, 4, 8, 16 as the field tabulates them
+                    ax.set_xticks(sorted(x.dropna().unique()), [f"{k:g}" for k in sorted(x.dropna().unique())])
+                    ax.minorticks_off()
             elif x.nunique() <= 8 and (x.dropna() == x.dropna().round()).all():  # integer levels: tick each
                 ax.set_xticks(sorted(x.dropna().unique()))
             ax.set_xlabel(KNOB_LABELS.get(knob, knob))

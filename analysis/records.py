@@ -14,8 +14,8 @@ import pandas as pd
 
 from study.selection import holm, pareto_front, ranked
 from study.tracking import SweepRecord, TrialRecord, read_sweep
-from study.vocabulary import (FINISHED, GENERAL_TOP1, KNOBS, NUMERIC_KNOBS, OBJECTIVE_METRICS, SPECIALIZED_TOP1, TEST,
-                              TRAIN_METRICS, TRANSFER_NOTE_TAG, VAL, headline, key, wiseft_curve)
+from study.vocabulary import (FINISHED, GENERAL_TOP1, KNOBS, LINEAR_PROBE, NUMERIC_KNOBS, OBJECTIVE_METRICS,
+                              SPECIALIZED_TOP1, TEST, TRAIN_METRICS, TRANSFER_NOTE_TAG, VAL, headline, key, wiseft_curve)
 
 from .exchange import method_rates
 
@@ -119,8 +119,9 @@ def trial_row(t: TrialRecord) -> dict:
     last, test = t.metrics, test_part(t.metrics)
     row.update({k: test.get(k, math.nan) for k in METRICS})
     row.update({f"val_{k}": last.get(key(VAL, k), last.get(k, math.nan)) for k in OBJECTIVE_METRICS})
-    for name, value in test.items():  # intervals, paired tests, collapse, where the evaluator logged them
-        if "wiseft/" not in name and (name.endswith(DETAIL_SUFFIXES) or name.startswith("wiseft_best_")):
+    for name, value in test.items():  # intervals, paired tests, collapse, linear probes, where they were logged
+        if "wiseft/" not in name and (name.endswith(DETAIL_SUFFIXES) or name.startswith("wiseft_best_")
+                                      or LINEAR_PROBE in name):
             row[name] = value
     row["collapsed"] = t.collapsed
     row["wiseft_best_alpha"] = last.get("wiseft_best_alpha", math.nan)

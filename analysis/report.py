@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from study.selection import verdict
+from study.selection import distance_closed, verdict
 from study.tracking import SweepRecord, log_report
-from study.vocabulary import METHOD_WORDS, NUMBER_PACKAGES, metric_words
+from study.vocabulary import LINEAR_PROBE, METHOD_WORDS, NUMBER_PACKAGES, ROLES, metric_words
 
 from . import plots
 from .exchange import rate_sentence
@@ -97,7 +97,8 @@ def finding(rec: StudyRecords, imps: dict) -> list[str]:
     lines += retention_sentences(df)
     lines += reliability_sentences(rec, best)
     lines += importance_sentences(imps, n)
-    for knob in ("data_fraction", "lora_rank"):
+    kshot = pd.to_numeric(df.get("shots_per_class", pd.Series(dtype=float)), errors="coerce").notna().any()
+    for knob in ("shots_per_class" if kshot else "data_fraction", "lora_rank"):
         text = saturation(df, knob)
         lines.append(text[0].upper() + text[1:] + ".")
     if n < MIN_TRIALS_FOR_TRENDS:
@@ -167,12 +168,16 @@ def best_sentences(rec: StudyRecords, best: pd.Series) -> list[str]:
     rank, blocks = (pd.to_numeric(best.get(k), errors="coerce") for k in ("lora_rank", "lora_blocks"))
     how = (f" of rank {int(rank)}" if method == "lora" and rank == rank else "") + (
         f" on the last {plural(int(blocks), 'block')}" if method != "projections" and blocks == blocks else "")
+    shots = pd.to_numeric(pd.Series([best.get("shots_per_class")]), errors="coerce").iloc[0]
+    budget = (f"{int(shots)} shot{'' if shots == 1 else 's'} per class" if not math.isnan(shots)
+              else f"data fraction {float(best['data_fraction']):.3g}")
     lines = [baseline_sentence(rec),
              f"The trial chosen on the validation part ({metric}, {mode}) was {best['trial_id']} ("
-             f"{METHOD_WORDS.get(method, method)}{how}, learning rate {float(best['learning_rate']):.3g}, data "
-             f"fraction {float(best['data_fraction']):.3g}, tether weight λ {float(best['tether_weight']):.3g}, the "
+             f"{METHOD_WORDS.get(method, method)}{how}, learning rate {float(best['learning_rate']):.3g}, "
+             f"{budget}, tether weight λ {float(best['tether_weight']):.3g}, the "
              f"weight of the MoCLIP term that pulls embeddings toward the frozen model's). On the test part:",
-             change_sentence(rec, best, "specialized"), change_sentence(rec, best, "general")]
+             change_sentence(rec, best, "specialized"), change_sentence(rec, best, "general"),
+             *probe_sentences(rec, best)]
     lines += wiseft_sentences(rec, best)
     collapsed = rec.trials[rec.trials.get("specialized_collapsed", pd.Series(0, rec.trials.index)) == 1]
     if len(collapsed):
@@ -192,6 +197,24 @@ def wiseft_sentences(rec: StudyRecords, best: pd.Series) -> list[str]:
     return [f"Scaling that trial's trained change by α (WiSE-FT; α = 0 is the baseline exactly, α = 1 the trial "
             f"above), validation chose α = {alpha:g} by {select.replace('_', ' ').replace('top1', 'top-1')}; there, test "
             f"{metric_words(head)} was specialized {spec:.1%} and general {gen:.1%}."]
+
+
+def probe_sentences(rec: StudyRecords, best: pd.Series) -> list[str]:
+    """Against the linear-probe ceiling (the baseline's probe, headline metric): how much of the distance from
+    zero-shot to it the chosen trial closed, in words no stronger than its paired interval allows."""
+    head, lines = rec.headline, []
+    for role, noun in zip(ROLES, ("gain", "change")):
+        metric, probe = f"{role}_{head}", f"{role}_{LINEAR_PROBE}{head}"
+        if probe not in rec.baseline or math.isnan(best.get(metric, math.nan)):
+            continue
+        gain = [best.get(f"{role}_{noun}_ci_{side}_pts", math.nan) / 100 for side in ("low", "high")]
+        ceiling = [rec.baseline.get(f"{probe}_ci_{side}", math.nan) for side in ("low", "high")]
+        text = distance_closed(rec.baseline.get(metric, math.nan), best[metric], rec.baseline[probe], *gain, *ceiling)
+        own = best.get(probe, math.nan)
+        lines.append(f"Against the linear-probe ceiling ({role} {metric_words(head)}, CLIP_benchmark's protocol on "
+                     f"the same frozen features): {text}"
+                     + (f"; the fine-tuned model's own probe reaches {own:.1%}." if not math.isnan(own) else "."))
+    return lines
 
 
 def retention_sentences(df: pd.DataFrame) -> list[str]:
@@ -315,14 +338,15 @@ def html_report(rec: StudyRecords, lines: list[str], figures: list[Path]) -> str
 
 
 # The report's trial table: knobs, then the test numbers (the rest is in trials.csv).
-TABLE_COLUMNS = ["trial_id", "status", "learning_rate", "lora_rank", "data_fraction", "tether_weight", "lora_blocks",
+TABLE_COLUMNS = ["trial_id", "status", "learning_rate", "lora_rank", "data_fraction", "shots_per_class",
+                 "tether_weight", "lora_blocks",
                  "steps", "weight_change_norm", "specialized_balanced_accuracy", "specialized_top1",
                  "general_balanced_accuracy", "general_top1", "specialized_gain_pts", "general_change_pts",
                  "collapsed", "failure_reason"]
 
 
 def _markdown_table(df: pd.DataFrame) -> str:
-    cols = [c for c in TABLE_COLUMNS if c in df]
+    cols = [c for c in TABLE_COLUMNS if c in df and (c != "shots_per_class" or df[c].notna().any())]
     if not len(df):
         return "_none_"
 

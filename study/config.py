@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .library.benchmarks import BenchmarkSpec, SpecError, resolve
+from .library.errors import DataError
+from .library.finetune import webdataset_defaults
 from .library.pretrain import GENERAL_BENCHMARK, PretrainSettings, resolve_weights
 from .library.rows import Holdout
 from .library.yamlfile import YamlFileError, parse_value, read_yaml
@@ -213,10 +215,15 @@ class DataSection(_Strict):
 
     def resolved(self, file: str = "study config") -> "DataSection":
         """A copy whose benchmark references are all resolved specs (names and files read once, here, so
-        workers never need the files)."""
+        workers never need the files), and a WebDataset fine-tuning set's labels and class names filled in from its
+        own files (:func:`~study.library.finetune.webdataset_defaults`)."""
         try:
-            return self.model_copy(update={role: self.specs(role, file) for role in ROLES})
-        except SpecError as exc:
+            update = {role: self.specs(role, file) for role in ROLES}
+            if defaults := webdataset_defaults(self.finetune):
+                update["finetune"] = FinetuneData.model_validate({**defaults,
+                                                                  **self.finetune.model_dump(exclude_unset=True)})
+            return self.model_copy(update=update)
+        except (SpecError, DataError) as exc:
             raise ConfigError(str(exc)) from None
 
 
@@ -276,6 +283,10 @@ class EvaluationSection(_Strict):
     # A trial whose test predictions put one class on at least this share of a benchmark's images (while
     # that class's true share is lower) is flagged as collapsed; its difference is never called a gain.
     collapse_share: float = Field(0.9, gt=0.5, le=1)
+    # The linear-probe ceiling (CLIP_benchmark's protocol, study.library.probe): logistic regression on frozen image
+    # features of each classification benchmark, fit on its train_split (or its validation part), scored on its test
+    # part. The baseline's is always fitted (seconds); true fits one on every trial's final model too.
+    linear_probe: bool = False
 
     @property
     def wiseft_metric(self) -> str:
@@ -441,6 +452,9 @@ def _validate_params(params: dict, blame) -> SearchSpace:
         TrialSettings(**{**defaults, **fixed})
     except ValidationError as err:
         raise ConfigError(_fmt(err, blame, ("params",))) from None
+    if params.get("shots_per_class") is not None and "data_fraction" in params:
+        raise ConfigError(f"{blame('params.shots_per_class')}: params.shots_per_class: k-shot and data_fraction both "
+                          f"choose the fine-tuning subset; remove data_fraction from params")
     with_fixed = {**defaults, **out}
     searched = {name: _distribution(name, spec, blame, with_fixed) for name, spec in params.items() if name not in fixed}
     if not searched:
@@ -510,4 +524,8 @@ def load_study_config(path: Path | str | None = None, overrides: list[Override] 
         raise ConfigError(f"{blame('search.sampler')}: search.sampler: stratified needs a categorical knob to stratify "
                           f"over (e.g. params.method: {{distribution: categorical, choices: [lora, full]}})")
     cfg.data = cfg.data.resolved(str(path))
+    if cfg.params.get("shots_per_class") is not None and not cfg.data.finetune.label_column:
+        raise ConfigError(f"{blame('data.finetune.label_column')}: data.finetune.label_column: params.shots_per_class "
+                          f"takes k images of each class, but data.finetune has no labels (captions only); name its "
+                          f"label column")
     return cfg

@@ -21,6 +21,7 @@ from .library.benchmarks import SpecError, decode, load_spec, shipped_specs
 from .library.export import ExportError
 from .library.models import OFFLINE_MODEL, ModelError, check_model, load_base_model
 from .library.sources import DataError
+from .library.webdataset import COLLECTIONS
 
 EXAMPLES = """examples:
   python -m study.evaluate --benchmark micrographs --benchmark shapes     # the offline base model
@@ -29,6 +30,8 @@ EXAMPLES = """examples:
       --benchmark pathmnist --json results.json
   python -m study.evaluate --model ViT-B-32 --pretrained ./finetuned.pt --benchmark my_spec.yaml
   python -m study.evaluate --run-id 3f2a... --benchmark micrographs      # a trial's fine-tuned model
+  python -m study.evaluate --model ViT-B-32 --pretrained openai --benchmark wds/vtab/pcam   # CLIP_benchmark's, by name
+  python -m study.evaluate --model ViT-B-32 --pretrained openai --benchmark vtab --benchmark retrieval  # collections
 """
 
 
@@ -42,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default: {OFFLINE_MODEL}, the offline base model, pretrained once and cached)")
     p.add_argument("--pretrained", help="open_clip pretrained tag or checkpoint path")
     p.add_argument("--benchmark", action="append", required=True, metavar="SPEC",
-                   help="a shipped spec name or a spec YAML path; repeatable")
+                   help="a shipped spec name, a spec YAML path, a CLIP_benchmark WebDataset by its name (wds/vtab/pcam: "
+                        "the Hub repo clip-benchmark/wds_vtab-pcam, through huggingface_hub and its cache), or a "
+                        f"CLIP_benchmark collection of them ({', '.join(COLLECTIONS)}); repeatable")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (default: cpu)")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass (default: 256)")
     p.add_argument("--cache-dir", type=Path,
@@ -91,6 +96,13 @@ def evaluate_specs(model_name: str, pretrained: str | None, specs, cache_dir: Pa
     return metrics
 
 
+def benchmark_refs(refs: list[str]) -> list[str]:
+    """``--benchmark`` values with CLIP_benchmark's collection names (``vtab``, ``retrieval``...) spelled out as the
+    ``wds/`` names of their WebDatasets, in its order; a name given twice is evaluated once."""
+    out = [f"wds/{n}" if ref in COLLECTIONS else ref for ref in refs for n in COLLECTIONS.get(ref, [ref])]
+    return list(dict.fromkeys(out))
+
+
 def check_device(name: str) -> str:
     """A torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``); :class:`ConfigError` if not."""
     import torch
@@ -126,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         check_args(args)
-        specs = [load_spec(ref) for ref in args.benchmark]
+        specs = [load_spec(ref) for ref in benchmark_refs(args.benchmark)]
         with tempfile.TemporaryDirectory() as tmp:
             if args.run_id:
                 args.model, pretrained = run_model(args, Path(tmp))

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=_Help)
     p.add_argument("--space", type=space_path, default=SPACES_DIR / "default.yaml",
                    help="search-space YAML (distributions, fixed values, trials, concurrency, resources, objective): "
-                        "a path, or the name of one the project ships (default, pareto, methods)")
+                        "a path, or the name of one the project ships (default, pareto, methods, kshot)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the space, e.g. --set search.trials=4, --set lora_rank=8 "
                         "(a bare parameter name fixes it), --set params.learning_rate.high=0.1; repeatable")

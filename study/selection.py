@@ -91,3 +91,37 @@ def verdict(change: float, ci_low: float, ci_high: float, collapsed: bool, noun:
     if ci_high < 0:
         return "loss"
     return f"no reliable {noun}"
+
+
+def distance_closed(zero_shot: float, tuned: float, probe: float, gain_low: float = math.nan,
+                    gain_high: float = math.nan, probe_low: float = math.nan, probe_high: float = math.nan) -> str:
+    """How much of the distance from the baseline's zero-shot score to its linear probe (the ceiling the same frozen
+    features reach with labels) the fine-tuned model closed, worded no further than the numbers allow: the share
+    ``(tuned - zero_shot) / (probe - zero_shot)`` with the paired 95% interval of the gain (``gain_low``,
+    ``gain_high``) as shares of that distance; "not distinguishable from none" when that interval holds 0; no share at
+    all when the probe is not above zero-shot by half a point, and a warning when the probe's own 95% interval
+    (``probe_low``, ``probe_high``) holds the zero-shot score. Accuracies as fractions, e.g.
+    ``"zero-shot 42.0% → 58.1%; the baseline's linear probe reaches 81.5%, so fine-tuning closed 41% of the distance
+    (the gain's paired 95% CI: 30% to 52% of it)"``."""
+    ceiling = f"the baseline's linear probe reaches {probe:.1%}"
+    if not (math.isnan(probe_low) or math.isnan(probe_high)):
+        ceiling += f" (95% CI {probe_low:.1%} to {probe_high:.1%})"
+    head = f"zero-shot {zero_shot:.1%} → {tuned:.1%}; {ceiling}"
+    gap = probe - zero_shot
+    if not gap > 0.005:
+        return f"{head}, no more than half a point above zero-shot, so there is no distance to close on this benchmark"
+    if probe_low <= zero_shot:  # (False when the interval is unknown)
+        head += ", an interval that holds the zero-shot score, so the distance itself is uncertain"
+    share = (tuned - zero_shot) / gap
+    known = not (math.isnan(gain_low) or math.isnan(gain_high))
+    interval = f" (the gain's paired 95% CI: {gain_low / gap:.0%} to {gain_high / gap:.0%} of it)" if known else ""
+    if not known:
+        return f"{head}; fine-tuning moved {share:.0%} of the distance, with no interval to say how reliably"
+    if gain_low <= 0 <= gain_high:
+        return f"{head}; fine-tuning moved {share:.0%} of the distance{interval}: not distinguishable from none"
+    if share < 0:
+        return (f"{head}; fine-tuning moved away from it, {(tuned - zero_shot) * 100:+.1f} points: {-share:.0%} of the "
+                f"distance{interval}")
+    if share > 1:
+        return f"{head}, so fine-tuning went past the baseline's probe: {share:.0%} of the distance{interval}"
+    return f"{head}, so fine-tuning closed {share:.0%} of the distance{interval}"

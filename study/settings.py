@@ -46,6 +46,8 @@ class TrialSettings(BaseModel):
     tether_weight: float = Field(0.0, ge=0, description="lambda of the MoCLIP tether: squared distance of the "
                                  "normalized embeddings to the frozen model's")
     data_fraction: float = Field(1.0, gt=0, le=1, description="nested share of the fine-tuning split")
+    shots_per_class: Optional[int] = Field(None, ge=1, description="k-shot: k images of each class of the fine-tuning "
+                                           "split (seeded, stratified, nested); needs labels; instead of data_fraction")
     epochs: int = Field(3, ge=1, le=1000)
     batch_size: int = Field(64, ge=2, description="global batch (split across workers)")
     weight_decay: float = Field(0.0, ge=0)
@@ -64,6 +66,12 @@ class TrialSettings(BaseModel):
         if self.method == "projections" or (self.method == "lora" and not self.lora_targets) or not self.lora_towers:
             return 0
         return self.lora_blocks
+
+    @model_validator(mode="after")
+    def _one_subset_rule(self):
+        if self.shots_per_class is not None and self.data_fraction != 1.0:
+            raise ValueError("shots_per_class and data_fraction both choose the fine-tuning subset; set only one")
+        return self
 
     @model_validator(mode="after")
     def _something_trains(self):

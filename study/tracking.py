@@ -107,6 +107,7 @@ def dataset_inputs(data, context_of: dict[str, str]) -> list:
     from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
+    from .library import webdataset
     from .library.cache import fingerprint, source_stamp
     from .library.sources import OFFLINE_PREFIX
 
@@ -115,9 +116,11 @@ def dataset_inputs(data, context_of: dict[str, str]) -> list:
             return "code", json.dumps({"tags": {"generator": "study.library.synthetic",
                                                 "domain": spec.source[len(OFFLINE_PREFIX):]}})
         path = Path(spec.source).expanduser()
+        path = path.parent if spec.source.endswith(".tar") and not path.exists() else path  # a shard pattern's folder
         if path.exists():
             return "local", json.dumps({"uri": path.resolve().as_uri()})
-        return "hugging_face", HuggingFaceDatasetSource(path=spec.source, split=spec.split,
+        hub = webdataset.repo_id(spec.source) if spec.source.startswith(webdataset.PREFIX) else spec.source
+        return "hugging_face", HuggingFaceDatasetSource(path=hub, split=spec.split,
                                                         revision=getattr(spec, "revision", None)).to_json()
 
     specs = [("finetune", "finetune", data.finetune)] if "finetune" in context_of else []
@@ -141,16 +144,18 @@ def training_input(c, parent_run_id: str) -> dict | None:
     return None
 
 
-def subset_input(training: dict, fraction: float):
+def subset_input(training: dict, fraction: float, shots: Optional[int] = None):
     """A trial's fine-tuning data as an MLflow dataset input: the sweep's ``training`` set (its
-    :func:`training_input`) at ``data_fraction`` ``fraction``, a nested subset drawn with ``data.seed``, so
-    its digest follows from the set's and the fraction."""
+    :func:`training_input`) at ``data_fraction`` ``fraction`` or ``shots`` per class, a nested subset drawn with
+    ``data.seed``, so its digest follows from the set's and the fraction or k."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     from .library.cache import fingerprint
 
     name = training["name"] if fraction == 1 else f"{training['name']} f={fraction:.3g}"
-    return DatasetInput(Dataset(name, fingerprint(training["digest"], fraction), training["source_type"],
+    name = f"{training['name']} k={shots}" if shots is not None else name
+    digest = fingerprint(training["digest"], fraction) if shots is None else fingerprint(training["digest"], "k", shots)
+    return DatasetInput(Dataset(name, digest, training["source_type"],
                                 training["source"]), tags=[InputTag("mlflow.data.context", "training")])
 
 

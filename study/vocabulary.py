@@ -49,6 +49,10 @@ FINAL_PREFIX = "final/"  # sweeps before metrics/final.json logged the last epoc
 #: metrics a run holds at its top level every epoch, beside the headline metrics of each part (top_level)
 EPOCH_LEVEL = TRAIN_METRICS + ("epoch", "setup_seconds", "process_start_time", "worker_start_time",
                                "resumed_from_epoch")
+#: the linear-probe ceiling of each classification benchmark (test part, ``study.library.probe``): the headline keys
+#: ``<role>_linear_probe_top1`` / ``_balanced_accuracy``; further benchmarks ``<role>/<name>/linear_probe_...``
+LINEAR_PROBE = "linear_probe_"
+PROBE_HEADLINE = tuple(f"{role}_{LINEAR_PROBE}{m}" for role in ROLES for m in HEADLINES[::-1])
 #: metrics the replicates summarise as mean +/- sd
 REPLICATED = HEADLINE + (SPECIALIZED_GAIN, GENERAL_CHANGE, WISEFT_BEST + SPECIALIZED_TOP1, WISEFT_BEST + GENERAL_TOP1)
 
@@ -107,6 +111,7 @@ def changes(values: dict, baseline: dict) -> dict:
 #: the names :func:`top_level` keeps
 TOP_LEVEL = frozenset({*EPOCH_LEVEL, WISEFT_BEST_ALPHA, *(key(s, m) for s in (VAL, TEST) for m in HEADLINE + CHANGES),
                        *(key(TEST, WISEFT_BEST + m) for m in HEADLINE), key(TEST, "specialized_mcnemar_p"),
+                       *(key(TEST, m) for m in PROBE_HEADLINE),
                        *(key(TEST, f"{m}_gain_ci_{side}") for m in HEADLINE[:2] for side in ("low", "high"))})
 
 

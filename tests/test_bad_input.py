@@ -45,6 +45,28 @@ def _spec(tmp: Path, extra: str = "", corrupt: bool = False, replace: tuple = ("
     (tmp / "slides.yaml").write_text(text.replace(*replace) if replace[0] else text)
 
 
+def _webdataset(tmp: Path, nshards: bool = True, classnames: bool = True, images: bool = True) -> None:
+    """A WebDataset in CLIP_benchmark's layout at ``tmp/wds`` (one shard of 4 samples) and ``tmp/wds.yaml`` naming it;
+    ``images=False``: its shard holds only ``.cls`` members."""
+    import io
+    import tarfile
+
+    (tmp / "wds" / "test").mkdir(parents=True)
+    with tarfile.open(tmp / "wds" / "test" / "0.tar", "w") as tar:
+        for i in range(4):
+            buf = io.BytesIO()
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(buf, format="png")
+            for ext, data in (("png", buf.getvalue()), ("cls", str(i % 2).encode()))[0 if images else 1:]:
+                info = tarfile.TarInfo(f"s{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    if nshards:
+        (tmp / "wds" / "test" / "nshards.txt").write_text("1")
+    if classnames:
+        (tmp / "wds" / "classnames.txt").write_text("rods\nspheres\n")
+    (tmp / "wds.yaml").write_text(f"source: {tmp / 'wds'}\n")
+
+
 def _checkpoints(tmp: Path) -> None:
     import torch
 
@@ -88,6 +110,9 @@ FILES = {
     "spec_name": lambda t: _spec(t, replace=("name: slides", "name: slides (v2)")),
     "spec_bad_yaml": lambda t: (t / "slides.yaml").write_text("name: [unclosed\n"),
     "ckpt": _checkpoints,
+    "wds_no_nshards": lambda t: _webdataset(t, nshards=False),
+    "wds_no_classnames": lambda t: _webdataset(t, classnames=False),
+    "wds_no_images": lambda t: _webdataset(t, images=False),
     "state_corrupt": lambda t: _sweep_state(t, "{not json"),
     "state_folder": lambda t: (t / "outputs" / "clip-alignment-study" / "sweep.json").mkdir(parents=True),
     "state_partial": lambda t: _sweep_state(t, '{"sweep": "s"}'),
@@ -142,7 +167,7 @@ CASES = [
     R("name-empty", ["--name", ""], "--name", "name:"),
     R("name-too-long", ["--name", "n" * 300], "--name", "name:"),
     # ---- the space file
-    R("space-missing", ["--space", "{tmp}/nope.yaml"], "{tmp}/nope.yaml", "not found", "default, methods, pareto"),
+    R("space-missing", ["--space", "{tmp}/nope.yaml"], "{tmp}/nope.yaml", "not found", "default, kshot, methods, pareto"),
     R("space-is-a-folder", ["--space", "{tmp}"], "{tmp}", "is a directory"),
     R("space-malformed", ["--space", SPACE], SPACE, "malformed YAML at line 1", files=["malformed"]),
     R("space-duplicate-key", ["--space", SPACE], SPACE, "line 4", "duplicate key \"learning_rate\"", files=["dup"]),
@@ -268,6 +293,21 @@ CASES = [
       "metric keys", files=["spec_name"]),
     R("spec-malformed", ["--set", "data.specialized=[{tmp}/slides.yaml]"], "{tmp}/slides.yaml", "malformed YAML",
       files=["spec_bad_yaml"]),
+    # ---- WebDatasets and k-shot budgets
+    R("wds-without-nshards", ["--set", "data.general=[shapes, {tmp}/wds.yaml]"], "{tmp}/wds.yaml: source",
+      "no test/nshards.txt", files=["wds_no_nshards"]),
+    R("wds-without-classnames", ["--set", "data.general=[shapes, {tmp}/wds.yaml]"], "{tmp}/wds.yaml: classnames",
+      "no classnames.txt", files=["wds_no_classnames"]),
+    R("wds-tar-without-images", ["--set", "data.general=[shapes, {source: '{tmp}/wds/test/0.tar', classnames: [a, b]}]"],
+      "data.general.1.source", "0.tar: no image member", files=["wds_no_images"]),
+    R("wds-name-not-cached-offline", ["--set", "data.general=[wds/vtab/not-cached]"], "wds/vtab/not-cached: source",
+      "clip-benchmark/wds_vtab-not-cached"),
+    R("shots-with-data-fraction", ["--set", "shots_per_class=4"], "--set shots_per_class", "params.shots_per_class",
+      "remove data_fraction"),
+    R("shots-without-labels", ["--space", "kshot", "--set", "data.finetune.label_column=null"],
+      "--set data.finetune.label_column", "params.shots_per_class", "no labels"),
+    R("shots-above-the-smallest-class", ["--space", "kshot", "--set", "params.shots_per_class=500"],
+      "params.shots_per_class", "500 images per class", "has"),
     # ---- the model
     R("model-unknown", ["--set", "model.name=ViT-Nope-32"], "model.name", "unknown open_clip model"),
     R("model-unknown-tag", ["--set", "model.name=ViT-B-32", "--set", "model.pretrained=not_a_tag"],

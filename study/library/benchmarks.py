@@ -1,14 +1,16 @@
 """Benchmark specs: one small YAML file per zero-shot benchmark, validated into :class:`BenchmarkSpec`.
 
 A spec says where the images are (a Hugging Face dataset id, an image folder,
-Parquet/Arrow files, an open_clip-style CSV, or a generated ``offline:`` domain),
+Parquet/Arrow files, an open_clip-style CSV, a WebDataset, or a generated ``offline:`` domain),
 which split and columns to read, the class names, the prompts (templates with
 ``{c}``, or per-class prompts as in CuPL) and the task: ``classification`` or
 image-text ``retrieval`` on held-out captions.
 
 Shipped specs live in ``study/benchmark_specs/`` and are named by file stem
 (``micrographs``, ``pcam``, ``cifar10``...); a study may also name a spec by
-path, or write one inline. Every error names the spec file and the field.
+path, or write one inline. CLIP_benchmark's benchmarks are named as it names them, ``wds/vtab/pcam``
+(:mod:`.webdataset`): a WebDataset's class names, templates, task and train split come from its own files,
+unless the spec sets them. Every error names the spec file and the field.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..vocabulary import ROLES
+from . import webdataset
 from .cache import fingerprint, save_atomic, source_stamp, store_cache, touch
 from .rows import Holdout, apply_holdout, class_index, sample_rows, stratified_split
 from .sources import DataError, EmptySplitError, load_source, local_base
@@ -74,6 +77,11 @@ class BenchmarkSpec(BaseModel):
                                       "stratified by label")
     max_undecodable_share: float = Field(0.01, ge=0, le=1, description="skip and count images that cannot be "
                                          "decoded; stop when more than this share fail")
+    train_split: Union[str, Literal[False], None] = Field(
+        None, description="the split the linear probe is fit on (classification); default: a WebDataset's 'train' "
+                          "when it has one; false, or none found: the probe is fit on the validation part")
+    train_max_images: Optional[int] = Field(None, ge=1, description="fit the linear probe on about N images of "
+                                            "train_split, a seeded sample stratified by label (default: all)")
     origin: str = Field("", description="set by the loader: the spec file (or study file and field)")
 
     @field_validator("name")
@@ -131,24 +139,63 @@ def shipped_specs() -> dict[str, Path]:
 
 
 def spec_from_dict(raw: dict, origin: str, default_name: str) -> BenchmarkSpec:
-    """Validate a spec mapping; errors read ``<origin>: <field>: <problem>``."""
+    """Validate a spec mapping, a WebDataset's completed from its own files (:func:`source_metadata`); errors read
+    ``<origin>: <field>: <problem>``."""
     if not isinstance(raw, dict):
         raise SpecError(f"{origin}: expected a mapping, got {type(raw).__name__}")
     origin = raw.get("origin") or origin  # a spec resolved earlier keeps the file it came from
     try:
         spec = BenchmarkSpec.model_validate({**raw, "origin": origin})
+        if update := source_metadata(spec):  # what the spec sets itself wins: it is in raw
+            spec = BenchmarkSpec.model_validate({**update, **raw, "origin": origin})
     except ValidationError as err:
         raise SpecError(f"{origin}{'.' if ': ' in origin else ': '}{_fmt(err)}") from None
     return spec if spec.name else spec.model_copy(update={"name": default_name})
 
 
+def source_metadata(spec: BenchmarkSpec) -> dict:
+    """For a WebDataset source, the fields its own files give and the spec leaves unset: ``task`` (``dataset_type.txt``),
+    ``classnames`` (``classnames.txt``), ``templates`` (``zeroshot_classification_templates.txt``), ``train_split``
+    (``train`` when it has ``train/nshards.txt``) and, for a ``wds/`` name, ``revision`` pinned to the Hub commit
+    read (so every trial and node decodes the same data). ``{}`` for other sources. Raises :class:`SpecError` when a
+    classification WebDataset has no class names and the spec lists none."""
+    if not webdataset.is_webdataset(spec.source, spec.data_files):
+        return {}
+    try:
+        meta = webdataset.meta_of(spec.source, spec.data_files, spec.revision, spec.where("source"))
+    except DataError as exc:
+        raise SpecError(str(exc)) from None
+    given, out = spec.model_fields_set, {}
+    if meta.task not in (None, "classification", "retrieval"):
+        raise SpecError(f"{spec.where('source')}: {spec.source!r} is a {meta.task!r} dataset (dataset_type.txt); "
+                        f"the study evaluates classification and retrieval")
+    if "task" not in given and meta.task:
+        out["task"] = meta.task
+    if out.get("task", spec.task) == "classification":
+        if "classnames" not in given and not meta.classnames:
+            raise SpecError(f"{spec.where('classnames')}: WebDataset {spec.source!r} has no classnames.txt; list the "
+                            f"class names in label order in the spec (classnames: [...])")
+        if "classnames" not in given:
+            out["classnames"] = meta.classnames
+        if "templates" not in given and meta.templates:
+            out["templates"] = meta.templates
+        if "train_split" not in given and "train" in meta.splits and spec.split.split("[")[0] != "train":
+            out["train_split"] = "train"
+    if meta.revision and spec.revision is None:
+        out["revision"] = meta.revision
+    return out
+
+
 def load_spec(ref: str) -> BenchmarkSpec:
-    """A spec by shipped name (``pcam``) or by path to a YAML file."""
+    """A spec by shipped name (``pcam``), by CLIP_benchmark's name (``wds/vtab/pcam``: its Hub WebDataset, named
+    ``vtab-pcam`` in metric keys) or by path to a YAML file."""
+    if ref.startswith(webdataset.PREFIX):
+        return spec_from_dict({"source": ref}, ref, usable_name(webdataset.short_name(ref)))
     specs = shipped_specs()
     path = specs.get(ref) or Path(ref).expanduser()
     if not path.is_file():
-        raise SpecError(f"{ref}: no such benchmark spec; shipped specs: {', '.join(specs)} "
-                        f"(or give the path of a YAML file)")
+        raise SpecError(f"{ref}: no such benchmark spec; shipped specs: {', '.join(specs)} (or a CLIP_benchmark "
+                        f"WebDataset, wds/<name>, or the path of a YAML file)")
     try:
         raw = read_yaml(path)
     except (YamlFileError, UnicodeDecodeError) as exc:
@@ -293,7 +340,7 @@ def store_key(spec: BenchmarkSpec, preprocess, seed: int, scale: float) -> str:
     """Names a benchmark's decoded store: the spec, the preprocessing, the data seed and the content stamp of
     every local file it reads (a dataset edited in place is decoded again)."""
     return fingerprint(spec.model_dump_json(exclude={"origin", "description"}), repr(preprocess), seed, scale,
-                       source_stamp(spec.source, spec.data_files))
+                       source_stamp(spec.source, spec.data_files, webdataset.pattern_files(spec.source)))
 
 
 def decode(spec: BenchmarkSpec, role: str, primary: bool, cache_dir: Path, preprocess, seed: int = 0,
@@ -353,6 +400,46 @@ def eval_sets(data, cache_dir: Path, preprocess, roles=ROLES, validation_share: 
     return [s for role in roles for i, spec in enumerate(data.specs(role))
             for s in validation_and_test(spec, role, i == 0, cache_dir, preprocess, data.seed, data.offline_scale,
                                          validation_share)]
+
+
+def probe_pairs(sets: list[EvalSet], cache_dir: Path, preprocess, seed: int = 0, scale: float = 1.0,
+                verbose: bool = False) -> list[tuple[EvalSet, EvalSet]]:
+    """``(fit, test)`` for the linear probe (:mod:`.probe`) of every classification benchmark in ``sets`` (validation
+    and test parts, as :func:`eval_sets` gives them): the probe is fit on the spec's ``train_split`` (decoded like the
+    benchmark into a store of its own, sampled to ``train_max_images``, part ``train``) or, when it has none, on the
+    benchmark's validation part, and scored on its test part, the images of the zero-shot test numbers. ``verbose``:
+    say what each train split gave."""
+    out = []
+    for test in [s for s in sets if s.split == "test" and s.spec.task == "classification"]:
+        if test.spec.train_split:
+            spec = test.spec.model_copy(update={"split": test.spec.train_split, "max_images": test.spec.train_max_images,
+                                                "holdout": None, "validation_split": None})
+            fit = decode(spec, test.role, test.primary, cache_dir, preprocess, seed, scale)
+            fit.split = "train"
+            fit = in_class_order(fit, test.classnames)
+            if verbose:
+                print(f"[data] {test.spec.name}: the linear probe is fit on {len(fit.images)} images of split "
+                      f"{spec.split!r} (train_max_images samples it; train_split: false fits on the validation part)",
+                      flush=True)
+        else:
+            fit = next(s for s in sets if s.split == "val" and s.role == test.role and s.spec.name == test.spec.name)
+        out.append((fit, test))
+    return out
+
+
+def in_class_order(s: EvalSet, classnames: list[str]) -> EvalSet:
+    """``s`` with its labels in the order of ``classnames`` (another split's), its images of other classes left out
+    (a split whose class names come from its own string labels may order or hold them differently)."""
+    if s.classnames == classnames:
+        return s
+    from dataclasses import replace
+
+    index = {c: i for i, c in enumerate(classnames)}
+    mapped = [index.get(s.classnames[int(y)], -1) for y in s.labels]
+    keep = [i for i, y in enumerate(mapped) if y >= 0]
+    return replace(s, images=s.images.subset(keep), labels=torch.tensor([mapped[i] for i in keep]),
+                   classnames=list(classnames), prompts=class_prompts(s.spec, list(classnames)),
+                   fingerprint=f"{s.fingerprint}-as-{fingerprint(classnames)}")
 
 
 def check_benchmarks(data, cache_dir: Path) -> dict[str, int]:

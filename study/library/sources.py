@@ -10,6 +10,10 @@ A *source* string names where the data lives:
 * a ``.csv``/``.tsv`` file in open_clip's format (a file-path column and a
   caption column, paths relative to the file);
 * ``.parquet`` / ``.arrow`` files with image and caption (or label) columns;
+* a WebDataset in CLIP_benchmark's layout (:mod:`study.library.webdataset`): one of its benchmarks by name
+  (``wds/vtab/pcam``, read from the Hub through ``huggingface_hub``), a folder with ``<split>/nshards.txt`` and
+  ``<split>/0.tar``..., or ``.tar`` shards (a path, a glob, ``shards/{0..7}.tar``, or ``source: webdataset`` with
+  ``data_files``);
 * anything else is taken as a Hugging Face Hub dataset id (needs the network).
 """
 
@@ -17,15 +21,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import webdataset
+from .errors import DataError, EmptySplitError
+
 OFFLINE_PREFIX = "offline:"
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used as configured; the message names the field at fault."""
-
-
-class EmptySplitError(DataError):
-    """The split exists but holds no rows."""
 
 
 def datasets_quiet():
@@ -50,6 +49,11 @@ def load_source(source: str, split: str, *, cache_dir: Path, seed: int = 0, scal
     ``source`` names the builder (``parquet``, ``csv``, ``imagefolder``...). ``where`` names the
     config field that holds ``source``, for error messages. Raises :class:`DataError`.
     """
+    if webdataset.is_webdataset(source, data_files):
+        base = split.split("[", 1)[0].split("+", 1)[0]
+        ds = webdataset.load_split(source, base, cache_dir=cache_dir, data_files=data_files, revision=revision,
+                                   where=where)
+        return pick_split({base: ds}, split, where)
     if data_files is not None:
         return _load_builder(source, split, config, revision, data_files, where)
     if source.startswith(OFFLINE_PREFIX):
@@ -71,7 +75,7 @@ def load_source(source: str, split: str, *, cache_dir: Path, seed: int = 0, scal
 def _load_builder(builder: str, split: str, config, revision, data_files, where: str):
     try:
         dd = datasets_quiet().load_dataset(builder, name=config, data_files=data_files, revision=revision)
-        return _pick_split(dd, split, where)
+        return pick_split(dd, split, where)
     except DataError:
         raise
     except Exception as exc:
@@ -90,7 +94,7 @@ def _load_offline(domain: str, split: str, cache_dir: Path, seed: int, scale: fl
     else:
         print(f"[data] generating offline domain {domain!r} (seed={seed}, scale={scale:g}) -> {path}", flush=True)
         dd = build_domain(domain, path, seed=seed, scale=scale)
-    return _pick_split(dd, split, where)
+    return pick_split(dd, split, where)
 
 
 def hf_cache(cache_dir: Path, path: Path) -> str:
@@ -106,13 +110,13 @@ def _load_local(path: Path, split: str, config, csv_separator: str, where: str, 
     datasets = datasets_quiet()
     try:
         if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
-            return _pick_split(datasets.load_from_disk(str(path)), split, where)
+            return pick_split(datasets.load_from_disk(str(path)), split, where)
         if path.is_dir():  # an image folder, or a local copy of a Hub dataset repo: the same call as the Hub
-            return _pick_split(datasets.load_dataset(str(path), name=config, cache_dir=cache), split, where)
+            return pick_split(datasets.load_dataset(str(path), name=config, cache_dir=cache), split, where)
         if path.suffix in {".csv", ".tsv"}:
             return _load_csv(path, "\t" if path.suffix == ".tsv" else csv_separator, cache)
         if path.suffix in {".parquet", ".arrow"}:
-            return _pick_split(datasets.load_dataset(path.suffix.lstrip("."), data_files=str(path), cache_dir=cache),
+            return pick_split(datasets.load_dataset(path.suffix.lstrip("."), data_files=str(path), cache_dir=cache),
                                split, where)
     except DataError:
         raise
@@ -123,7 +127,7 @@ def _load_local(path: Path, split: str, config, csv_separator: str, where: str, 
     raise DataError(f"{where}: {str(path)!r} is neither a folder nor a .csv/.tsv/.parquet/.arrow file")
 
 
-def _pick_split(dd, split: str, where: str):
+def pick_split(dd, split: str, where: str):
     """Split ``split`` of ``dd``, with ``datasets``' slicing syntax (``train[:80%]``, ``train[10:20]``,
     ``train[:50%]+test``); a single ``Dataset`` (a CSV file) is its own split of any name."""
     import datasets

@@ -14,12 +14,13 @@ from typing import Optional
 import torch
 
 from ..config import StudyConfig
-from ..library.benchmarks import check_benchmarks, eval_sets
+from ..library.benchmarks import check_benchmarks, eval_sets, probe_pairs
 from ..library.cache import feature_cache, model_id, prune, store_cache
 from ..library.contamination import check_overlap
-from ..library.finetune import decoded_finetune, finetune_captions, load_finetune_split
+from ..library.finetune import check_shots, decoded_finetune, finetune_captions, load_finetune_split
 from ..library.models import check_model, load_base_model
 from ..library.prefix import SuffixEncoder, finetune_features, prefix_depths, prefix_sets, tower_depths, unsupported
+from ..library.probe import ProbeSettings, probe_metrics
 from ..library.zeroshot import evaluate_sets
 
 
@@ -40,6 +41,8 @@ def check_inputs(cfg: StudyConfig, cache_dir: Path) -> int:
     """Validate the data (paths, splits, columns, class names). Returns fine-tuning pairs."""
     ds = load_finetune_split(cfg.data.finetune, cfg.data, cache_dir)
     finetune_captions(cfg.data.finetune, ds, cfg.data.seed)  # labels without class names stop us here
+    if shots := [int(k) for k in cfg.space.values("shots_per_class") if k is not None]:
+        check_shots(cfg.data.finetune, ds, max(shots))  # a class with fewer than k images stops us here
     check_benchmarks(cfg.data, cache_dir)
     return len(ds)
 
@@ -58,6 +61,7 @@ def prepare(cfg: StudyConfig, cache_dir: Path) -> Prepared:
         print(f"[data] data.finetune: {len(ft['store'])} of {ft['rows']} rows used; skipped {ft['skipped']} images "
               f"that cannot be decoded and {ft['no_caption']} rows with an empty or missing caption", flush=True)
     sets = eval_sets(cfg.data, cache_dir, lm.preprocess, validation_share=cfg.evaluation.validation_share)
+    probes = probe_pairs(sets, cache_dir, lm.preprocess, cfg.data.seed, cfg.data.offline_scale, verbose=True)
     named = {bench_where(s): s.images.whole() for s in sets}  # (where, metric name): the benchmark's whole store
     counts = check_overlap(ft["store"], {where: store for (where, _), store in named.items()}, cfg.data.max_overlap)
     overlap = {name: counts[where] for where, name in named}
@@ -70,12 +74,21 @@ def prepare(cfg: StudyConfig, cache_dir: Path) -> Prepared:
         finetune_features(lm, model_id(cfg.model.name, pretrained), depths, ft["store"], lm.tokenizer(ft["captions"]),
                           cache_dir)
         sets, model = prefix_sets(lm, cfg.model.name, pretrained, depths, sets, cache_dir), SuffixEncoder(lm.model, depths)
+        probes = paired(prefix_sets(lm, cfg.model.name, pretrained, depths, [s for p in probes for s in p], cache_dir))
+    cache = feature_cache(cache_dir, cfg.model.name, pretrained)
     baseline, confusions, predictions = evaluate_sets(
-        model, lm.tokenizer, sets, "cpu", detailed=True, cache=feature_cache(cache_dir, cfg.model.name, pretrained),
-        frozen_image=True, frozen_text=True, collapse_share=cfg.evaluation.collapse_share,
-        progress="[study] baseline zero-shot")
+        model, lm.tokenizer, sets, "cpu", detailed=True, cache=cache, frozen_image=True, frozen_text=True,
+        collapse_share=cfg.evaluation.collapse_share, progress="[study] baseline zero-shot")
+    # the ceiling: its features are the ones just embedded (the cache serves them), so it costs seconds
+    baseline.update(probe_metrics(model, probes, "cpu", cache=cache, frozen=True, progress="[study] baseline linear probe",
+                                  settings=ProbeSettings(select=cfg.evaluation.headline, seed=cfg.data.seed)))
     return Prepared(pretrained, len(ft["store"]), baseline, predictions, confusions, time.time() - t0, overlap,
                     transfer_kind(ft["classnames"], sets), depths)
+
+
+def paired(flat: list) -> list[tuple]:
+    """``[a, b, c, d]`` -> ``[(a, b), (c, d)]``: probe pairs flattened for :func:`prefix_sets`, paired again."""
+    return list(zip(flat[::2], flat[1::2]))
 
 
 def prefix_plan(cfg: StudyConfig, clip) -> Optional[dict]:

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections import Counter
 
 from ..config import StudyConfig
-from ..selection import pareto_front, verdict
+from ..selection import distance_closed, pareto_front, verdict
 from ..tracking import SweepRecord, TrialRecord
-from ..vocabulary import (EARLY_STOPPED, FAILED, FINISHED, GENERAL_TOP1, ORPHANED, SPECIALIZED_TOP1, TEST,
-                          TRANSFER_NOTE_TAG, VAL, WISEFT_BEST, WISEFT_BEST_ALPHA, headline, key, metric_words,
-                          wiseft_curve)
+from ..vocabulary import (EARLY_STOPPED, FAILED, FINISHED, GENERAL_TOP1, LINEAR_PROBE, ORPHANED, ROLES,
+                          SPECIALIZED_TOP1, TEST, TRANSFER_NOTE_TAG, VAL, WISEFT_BEST, WISEFT_BEST_ALPHA, headline,
+                          key, metric_words, wiseft_curve)
 
 
 def failure_counts(failed) -> str:
@@ -56,6 +56,7 @@ def format_summary(sweep: SweepRecord, cfg: StudyConfig, tracking_uri: str, extr
         holm = key(TEST, "specialized_mcnemar_p_holm")
         lines += best_lines(best, baseline, cfg.evaluation.headline, best.metrics.get(holm),
                             sum(holm in t.metrics for t in done))
+        lines += probe_lines(best.metrics, baseline, cfg.evaluation.headline)
         if cfg.multi_objective:
             lines += front_lines(sweep, cfg)
     local = tracking_uri.startswith("sqlite:")
@@ -96,7 +97,7 @@ def headline_metrics(sweep: SweepRecord, cfg: StudyConfig) -> dict[str, float]:
 
 
 def baseline_lines(baseline: dict) -> list[str]:
-    """The zero-shot baseline on the test part, with the chance level of each metric."""
+    """The zero-shot baseline on the test part, with the chance level of each metric, and its linear probe."""
     lines = []
     for role in ("specialized", "general"):
         b = {m: baseline.get(key(TEST, f"{role}_{m}"), float("nan"))
@@ -104,6 +105,31 @@ def baseline_lines(baseline: dict) -> list[str]:
         lines.append(f"baseline zero-shot, {role}: balanced accuracy {b['balanced_accuracy']:.1%} (chance "
                      f"{b['chance_balanced_accuracy']:.1%}), top-1 {b['top1']:.1%} (chance {b['chance_top1']:.1%}, "
                      f"the majority class)")
+        p = {m: baseline.get(key(TEST, f"{role}_{LINEAR_PROBE}{m}")) for m in ("balanced_accuracy", "top1",
+                                                                               "train_images")}
+        if p["balanced_accuracy"] is not None:
+            lines.append(f"baseline linear probe (the ceiling; CLIP_benchmark's protocol, fit on "
+                         f"{p['train_images'] or float('nan'):.0f} labelled images), {role}: balanced accuracy "
+                         f"{p['balanced_accuracy']:.1%}, top-1 {p['top1']:.1%}")
+    return lines
+
+
+def probe_lines(m: dict, baseline: dict, head: str) -> list[str]:
+    """Against the linear-probe ceiling, per role whose baseline has one: how much of the distance from zero-shot to
+    the baseline's probe the chosen trial closed (:func:`~study.selection.distance_closed`, headline metric, test
+    part), and the trial's own probe where it fitted one (``evaluation.linear_probe``)."""
+    lines = []
+    for role in ROLES:
+        metric, probe = headline(role, head), f"{role}_{LINEAR_PROBE}{head}"
+        if key(TEST, probe) not in baseline or key(TEST, metric) not in m:
+            continue
+        ceiling = [baseline.get(key(TEST, f"{probe}_ci_{side}"), float("nan")) for side in ("low", "high")]
+        gain = [m.get(key(TEST, f"{metric}_gain_ci_{side}"), float("nan")) for side in ("low", "high")]
+        text = distance_closed(baseline.get(key(TEST, metric), float("nan")), m[key(TEST, metric)],
+                               baseline[key(TEST, probe)], *gain, *ceiling)
+        own = m.get(key(TEST, probe))
+        lines.append(f"  linear-probe ceiling, {role} {metric_words(head)}: {text}"
+                     + (f"; the fine-tuned model's own linear probe: {own:.1%}" if own is not None else ""))
     return lines
 
 

@@ -65,7 +65,8 @@ def trial_driver(config: dict, context: SweepContext) -> None:
     uri = context.job.tracking_uri
     tags = {KIND_TAG: REPLICATE, REPLICATE_OF_TAG: replicate_of} if replicate_of else None
     number = trial_number(ray.tune.get_context(), context.trial_offset)
-    inputs = [subset_input(context.training_input, settings.data_fraction)] if context.training_input else None
+    inputs = ([subset_input(context.training_input, settings.data_fraction, settings.shots_per_class)]
+              if context.training_input else None)
     run_id = retrying(lambda: ensure_trial_run(uri, context.experiment_id, context.parent_run_id, trial_id,
                                                settings.model_dump(), json.dumps(settings.model_dump(), indent=2),
                                                tags, run_name=run_name(config, replicate_of, number), inputs=inputs,
@@ -85,7 +86,8 @@ def trial_driver(config: dict, context: SweepContext) -> None:
 # Short names of the knobs in a trial's run name, e.g. "t03 f=0.953 lr=1.4e-3 K=2 r=4 tw=0.997".
 KNOB_ABBREVIATIONS = {"learning_rate": "lr", "lora_rank": "r", "data_fraction": "f", "lora_blocks": "K",
                       "tether_weight": "tw", "lora_alpha": "a", "weight_decay": "wd", "batch_size": "bs",
-                      "epochs": "ep", "warmup_steps": "wu", "lora_targets": "on", "lora_towers": "towers"}
+                      "epochs": "ep", "warmup_steps": "wu", "lora_targets": "on", "lora_towers": "towers",
+                      "shots_per_class": "k"}
 
 
 def trial_number(ctx, offset: int = 0) -> Optional[int]:

@@ -30,13 +30,14 @@ from pydantic import BaseModel, ConfigDict
 from ..config import DataSection, EvaluationSection
 from ..library.alignment import (apply_alignment_module, load_trainable_state, tower_is_frozen, trainable_state,
                                  unwrap, weight_change_norm)
-from ..library.benchmarks import eval_sets
+from ..library.benchmarks import eval_sets, probe_pairs
 from ..library.cache import feature_cache
 from ..library.finetune import Pairs, finetune_subset
 from ..library.models import load_base_model
 from ..library.objective import (NonFiniteLossError, alignment_loss, autocast_for, clamp_logit_scale, lr_lambda,
                                  tether_targets)
 from ..library.prefix import SuffixCLIP, SuffixEncoder, finetune_features, prefix_sets, unsupported
+from ..library.probe import ProbeSettings, probe_metrics
 from ..library.wiseft import wiseft_curve
 from ..library.zeroshot import evaluate_sets
 from ..settings import TrialSettings
@@ -86,6 +87,7 @@ class Worker:
     scaler: Any = None
     loss_fn: Any = None
     sets: list = field(default_factory=list)  # benchmarks (rank 0 only)
+    probes: list = field(default_factory=list)  # (fit, test) parts of the linear probe (rank 0, evaluation.linear_probe)
     start_epoch: int = 0
     restored_metrics: dict = field(default_factory=dict)  # what the restored checkpoint's epoch reported
     # Every epoch's result so far, by step (rank 0), kept in each checkpoint: a resumed attempt writes to MLflow
@@ -227,8 +229,11 @@ def setup(job: WorkerJob, session) -> Worker:
     pairs = training_pairs(job, lm, depths, device)
     sets = eval_sets(job.data, Path(job.cache_dir), lm.preprocess,
                      validation_share=job.evaluation.validation_share) if rank == 0 else []
+    probes = [x for pair in probe_pairs(sets, Path(job.cache_dir), lm.preprocess, job.data.seed,
+                                        job.data.offline_scale) for x in pair] if job.evaluation.linear_probe else []
     if depths and sets:  # before LoRA is injected: the stores hold the base model's prefix
-        sets = prefix_sets(lm, job.model_name, job.model_pretrained, depths, sets, Path(job.cache_dir), device)
+        sets, probes = (prefix_sets(lm, job.model_name, job.model_pretrained, depths, x, Path(job.cache_dir), device)
+                        for x in (sets, probes))
     model = apply_alignment_module(lm.model, s)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.learning_rate,
                             weight_decay=s.weight_decay)
@@ -239,7 +244,7 @@ def setup(job: WorkerJob, session) -> Worker:
     return Worker(job, rank, world, device, lm.tokenizer, pairs, model, trainable_state(model), opt, sched,
                   steps_per_epoch, global_batch, autocast, scaler,
                   ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world), sets=sets,
-                  depths=depths, session=session)
+                  probes=list(zip(probes[::2], probes[1::2])), depths=depths, session=session)
 
 
 def cached_depths(job: WorkerJob, clip: torch.nn.Module) -> Optional[dict]:
@@ -260,7 +265,7 @@ def training_pairs(job: WorkerJob, lm, depths: Optional[dict], device) -> Pairs:
     from ..library.cache import model_id
 
     s, cache_dir = job.settings, Path(job.cache_dir)
-    d, keep = finetune_subset(job.data.finetune, job.data, cache_dir, s.data_fraction, lm.preprocess)
+    d, keep = finetune_subset(job.data.finetune, job.data, cache_dir, s.data_fraction, lm.preprocess, s.shots_per_class)
     if depths:
         tokens = lm.tokenizer(d["captions"])
         feats = finetune_features(lm, model_id(job.model_name, job.model_pretrained), depths, d["store"], tokens,
@@ -350,11 +355,15 @@ def evaluate(w: Worker, final: bool) -> dict:
     t0 = time.time()
     frozen = {"frozen_image": tower_is_frozen(s, "image"), "frozen_text": tower_is_frozen(s, "text")}
     sets = w.sets if final else [x for x in w.sets if x.split == VAL]  # the test part is scored once, at the end
+    encoder = SuffixEncoder(w.clip, w.depths, w.memo) if w.depths else w.clip
+    cache = feature_cache(Path(job.cache_dir), job.model_name, job.model_pretrained)
     values, confusions, _ = evaluate_sets(
-        SuffixEncoder(w.clip, w.depths, w.memo) if w.depths else w.clip, w.tokenizer, sets, w.device, detailed=final,
-        cache=feature_cache(Path(job.cache_dir), job.model_name, job.model_pretrained),
+        encoder, w.tokenizer, sets, w.device, detailed=final, cache=cache,
         baseline_predictions=job.baseline_predictions, seed=s.seed, collapse_share=job.evaluation.collapse_share,
         **frozen)
+    if final and w.probes:  # the fine-tuned model's own ceiling, as the baseline's is fitted (same data seed)
+        values.update(probe_metrics(encoder, w.probes, w.device, cache=cache, frozen=frozen["frozen_image"],
+                                    settings=ProbeSettings(select=job.evaluation.headline, seed=job.data.seed)))
     metrics = {**values, **changes(values, job.baseline), "weight_change_norm": weight_change_norm(w.model, w.initial)}
     if final and job.evaluation.wiseft_alphas:
         metrics.update(wiseft_curve(job.model_name, job.model_pretrained, s, trainable_state(w.model), w.initial,
