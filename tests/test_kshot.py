@@ -39,13 +39,13 @@ def test_a_k_shot_sweep_reports_the_ceiling_and_draws_shots_on_a_log_axis(tmp_pa
         trials.append((status, params, m))
     uri, c, parent = _study(tmp_path, trials, baseline={**BASELINE, **PROBE})
     drawn = {}
-    save = plots._save
+    save = plots.save
 
     def keep(fig, path):
         drawn[path.stem] = [ax.get_xscale() for ax in fig.axes], [ax.get_xlabel() for ax in fig.axes]
         return save(fig, path)
 
-    monkeypatch.setattr(plots, "_save", keep)
+    monkeypatch.setattr(plots, "save", keep)
     _, lines = run_analysis(read_sweep(uri, "s", None), tmp_path / "out")
     text = " ".join(lines)
     # the best (validation) trial is k = 16 at 0.40 balanced accuracy: (0.40 - 0.20) / (0.60 - 0.20) = 50%
