@@ -12,7 +12,7 @@ import math
 import pandas as pd
 
 from study.selection import verdict
-from study.vocabulary import EXCHANGE_RATE, METHOD_WORDS, NUMBER_PACKAGES, RUN_NAME_TAG, metric_words
+from study.vocabulary import EXCHANGE_RATE, LINEAR_PROBE, METHOD_WORDS, NUMBER_PACKAGES, RUN_NAME_TAG, metric_words
 
 from .records import StudyRecords, best_row
 
@@ -39,10 +39,34 @@ def headline_row(rec: StudyRecords) -> dict:
         collapsed = best is not None and best.get(f"{role}_collapsed", 0) == 1
         row[f"{role}_verdict"] = verdict(row[f"{role}_{noun}_pts"], row[f"{role}_{noun}_ci_low_pts"],
                                          row[f"{role}_{noun}_ci_high_pts"], collapsed, noun) if best is not None else ""
+    row.update(probe_distance(rec, best))
     for r in rec.rates:
         name = f"{EXCHANGE_RATE}[{r.method}]"
         row.update({name: r.rate, f"{name}_ci_low": r.ci_low, f"{name}_ci_high": r.ci_high, f"{name}_trials": r.trials})
     return row
+
+
+def probe_distance(rec: StudyRecords, best) -> dict:
+    """The specialized linear-probe ceiling (the baseline's probe, headline metric, percent) and the share of the
+    distance from zero-shot to it that the chosen trial closed, with its paired 95% interval (fractions of the distance,
+    computed as :func:`study.selection.distance_closed` computes them for the report's sentence). NaN where there is
+    no probe or no distance (the probe not half a point above zero-shot)."""
+    head = rec.headline
+    probe = rec.baseline.get(f"specialized_{LINEAR_PROBE}{head}", math.nan)
+    gap = probe - rec.baseline.get(f"specialized_{head}", math.nan)
+    out = {"specialized_probe_pct": 100 * probe}
+    for suffix in ("", "_ci_low", "_ci_high"):
+        gain = best.get(f"specialized_gain{suffix}_pts", math.nan) / 100 if best is not None else math.nan
+        out[f"probe_distance_closed{suffix}"] = gain / gap if gap > 0.005 else math.nan
+    return out
+
+
+def _closed(row: dict) -> str:
+    v, low, high = (row.get(f"probe_distance_closed{s}", math.nan) for s in ("", "_ci_low", "_ci_high"))
+    if math.isnan(v):
+        return ""
+    return f"{v:.0%} [{low:.0%}, {high:.0%}] of {row['specialized_probe_pct']:.1f}%" if not math.isnan(low) \
+        else f"{v:.0%} of {row['specialized_probe_pct']:.1f}%"
 
 
 def _console_label(rec: StudyRecords, trial_id: str) -> str:
@@ -85,6 +109,7 @@ COLUMNS = [
     ("specialized gain, points [95% CI]", lambda r: _change(r, "specialized_gain")),
     ("general change, points [95% CI]", lambda r: _change(r, "general_change")),
     ("exchange rate, general points per specialized point [95% CI]", exchange_words),
+    ("distance to the linear probe closed [95% CI] of the probe's score", _closed),
 ]
 
 
@@ -103,7 +128,7 @@ def markdown_table(rows: list[dict]) -> str:
 def latex_table(rows: list[dict]) -> str:
     """The rows as one LaTeX ``tabular`` (booktabs rules; pandas escapes ``%``, ``_`` and the rest)."""
     df = pd.DataFrame([cells(r) for r in rows], columns=[h for h, _ in COLUMNS])
-    return df.to_latex(index=False, escape=True, column_format="l" * 4 + "r" * 3 + "l" * 4)
+    return df.to_latex(index=False, escape=True, column_format="l" * 4 + "r" * 3 + "l" * 5)
 
 
 def version_notes(rows: list[tuple[str, dict]]) -> list[str]:

@@ -83,7 +83,7 @@ def trial_metrics(spec: float, gen: float, base: tuple = (0.2, 0.8), curve: dict
 
 
 def log_study(uri: str, experiment: str, trials: list, base: tuple = (0.2, 0.8), versions: dict | None = None,
-              headline: str = "balanced_accuracy") -> str:
+              headline: str = "balanced_accuracy", baseline_extra: dict | None = None) -> str:
     """A finished sweep as study.run records it, in the store at ``uri``: the parent run (config, model and data
     params, run name), the baseline (specialized ``base[0]``, general ``base[1]`` on both parts and metrics) and
     ``trials`` (``(settings dict, metrics)``, numbered t01...); every run tagged with ``versions``
@@ -105,7 +105,7 @@ def log_study(uri: str, experiment: str, trials: list, base: tuple = (0.2, 0.8),
               for m in ("top1", "balanced_accuracy")}
     values.update({f"test/{role}_chance_{m}": 0.25 for role in ("specialized", "general")
                    for m in ("top1", "balanced_accuracy")})
-    log_final_records(c, baseline, values)
+    log_final_records(c, baseline, {**values, **(baseline_extra or {})})
     c.set_terminated(baseline)
     for i, (settings, metrics) in enumerate(trials, 1):
         run = c.create_run(exp, run_name=f"t{i:02d}", tags={

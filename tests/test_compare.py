@@ -72,6 +72,24 @@ def test_two_stores_in_one_table_with_the_numbers_of_each_report_and_a_version_n
     assert "full fine-tuning: too few trials (3)" in tex
 
 
+def test_the_table_says_how_much_of_the_distance_to_the_linear_probe_the_best_trial_closed(tmp_path):
+    """Baseline specialized 20%, its linear probe 60% (95% CI 55-65%); the best trial gains 20 points (paired CI +17 to
+    +23): it closed 50% [42.5%, 57.5%] of the distance (rounded as the report rounds them: 43% to 58%), in the table as in the report's sentence."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    probe = {f"test/specialized_linear_probe_{m}{s}": v for m in ("top1", "balanced_accuracy")
+             for s, v in (("", 0.6), ("_ci_low", 0.55), ("_ci_high", 0.65))}
+    log_study(uri, "probed", _trials("lora", [0.05, 0.1, 0.15, 0.2], 0.6), baseline_extra=probe)
+    out = tmp_path / "cmp"
+    assert analysis_main(["compare", f"{uri}::probed", "--out", str(out)]) == 0
+    row = pd.read_csv(out / "compare.csv").iloc[0]
+    assert row["specialized_probe_pct"] == pytest.approx(60.0)
+    assert (row["probe_distance_closed"], row["probe_distance_closed_ci_low"],
+            row["probe_distance_closed_ci_high"]) == pytest.approx((0.5, 0.425, 0.575))
+    assert "| 50% [43%, 58%] of 60.0% |" in (out / "compare.md").read_text()
+    own, report = _report_row(uri, "probed", tmp_path / "report")
+    assert "so fine-tuning closed 50% of the distance (the gain's paired 95% CI: 43% to 58% of it)" in report.read_text()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["compare", "nope"], "SWEEP 'nope': no MLflow experiment named 'nope'"),
     (["compare", "sqlite:///{tmp}/none.db::s"], "SWEEP 'sqlite:///{tmp}/none.db::s': no MLflow store"),
