@@ -26,7 +26,8 @@ def split_parts(v):
 class TrialSettings(BaseModel):
     """Everything that defines one fine-tuning trial. Search-space ``params`` name these fields."""
 
-    model_config = ConfigDict(extra="forbid")
+    # A NaN or infinite knob (a fixed value, a choice, a range's end) is refused, as Ray Tune refuses infinite bounds
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     learning_rate: float = Field(1e-3, gt=0, description="AdamW peak learning rate")
     lora_rank: int = Field(4, ge=1, description="LoRA adapter rank r")
