@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hub_cache import offline
 from PIL import Image
 
 SPACE = "{tmp}/space.yaml"
@@ -316,6 +317,13 @@ CASES = [
       "model.pretrained", "notclip.pt", "does not load into 'ViT-B-32'", files=["ckpt"]),
     R("hf-hub-offline", ["--set", "model.name=hf-hub:clip-study/does-not-exist"], "model.name",
       "cannot be loaded"),
+    R("model-tag-not-in-the-hub-cache", ["--set", "model.name=ViT-B-16", "--set", "model.pretrained=openai"],
+      "model.pretrained", "tag 'openai' of 'ViT-B-16'", "a copy in the Hugging Face cache"),
+    R("finetune-hub-dataset-not-in-the-cache", ["--set", "data.finetune.source=clip-study/not-cached"],
+      "data.finetune.source", "cannot load Hugging Face dataset 'clip-study/not-cached'", "ConnectionError"),
+    R("benchmark-hub-dataset-not-in-the-cache",
+      ["--set", "data.specialized=[{name: cells, source: clip-study/not-cached, split: test}]"],
+      "data.specialized", "clip-study/not-cached"),
     # ---- study.evaluate
     E("eval-batch-size-zero", ["--benchmark", "shapes", "--batch-size", "0"], "--batch-size", ">= 1"),
     E("eval-batch-size-word", ["--benchmark", "shapes", "--batch-size", "big"], "--batch-size", "'big'"),
@@ -361,6 +369,11 @@ def store_template(tmp_path_factory):
     run = c.create_run(exp, run_name="not-a-sweep").info.run_id
     c.set_terminated(run)
     return folder / "mlflow.db", run
+
+
+@pytest.fixture(scope="module")
+def empty_hf_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("hf-home-empty")
 
 
 @pytest.fixture
@@ -409,13 +422,12 @@ def _runs(db: Path) -> list:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_line_and_exit_2(case, tmp_path, smoke_cache, store_template, closed_port, monkeypatch):
+def test_bad_input_is_one_line_and_exit_2(case, tmp_path, smoke_cache, store_template, closed_port, monkeypatch,
+                                          empty_hf_home):
     monkeypatch.chdir(tmp_path)
     for var in ("MLFLOW_TRACKING_URI", "OPTUNA_STORAGE", "RAY_ADDRESS", "CLIP_STUDY_STORAGE_PATH"):
         monkeypatch.delenv(var, raising=False)
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no test reaches the network
+    offline(monkeypatch, empty_hf_home)  # no test reaches the network, nor finds a Hub file in the user's cache
     for var, value in case.env.items():
         monkeypatch.setenv(var, value)
     for name in case.files:
