@@ -13,7 +13,8 @@ trial's worker does with the frozen-prefix feature cache (the study's default pa
 * then loads a second copy of the base model, as the WiSE-FT curve does after the last epoch.
 
 It reports the peak RSS of that process (``VmHWM``: everything resident, model, activations, Python, torch), the
-RSS before the first step, the median seconds per step after one warm-up step (one timed step by default), and the parameter counts.
+RSS before the first step, and the seconds of the fastest timed step after one warm-up step (the least
+disturbed on a shared machine; two timed steps by default), and the parameter counts.
 
 Separately, per model, the frozen-prefix stores are built for real (``finetune_features`` and
 ``benchmark_features`` on 8 and 16 generated images) and their size per 1,000 images is the difference, scaled:
@@ -28,7 +29,7 @@ weights. bf16 autocast halves the activations, roughly. These are estimates from
 Each measurement runs in its own process, with ``--threads`` torch threads (default 2). Times on a shared machine
 vary from run to run; the memory does not.
 
-    python bench/sizes.py                      # 3 models x K 1, 2 x batch 64, 256 (about 45 minutes on 2 busy cores)
+    python bench/sizes.py                      # 3 models x K 1, 2 x batch 64, 256 (about an hour on 2 busy cores)
     python bench/sizes.py --quick              # batch 64 only, ViT-B-32 and ViT-B-16 (about 5 minutes)
     python bench/sizes.py --models ViT-L-14 --batches 256 --blocks 2 --json out.json
 """
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -127,7 +127,7 @@ def job_step(name: str, blocks: int, batch: int, steps: int, threads: int) -> di
     del second
     return {"model": name, "blocks": blocks, "batch": batch, "threads": threads, "params": params,
             "trainable": sum(p.numel() for p in trainable), "rss_before_steps": before, "train_peak": train_peak,
-            "peak": status_kb("VmHWM") * 1024, "s_per_step": statistics.median(times[1:]), "step_times": times,
+            "peak": status_kb("VmHWM") * 1024, "s_per_step": min(times[1:]), "step_times": times,
             "losses": losses}
 
 
@@ -217,7 +217,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=None, help=f"open_clip model names (default: {' '.join(MODELS)})")
     ap.add_argument("--blocks", nargs="+", type=int, default=[1, 2], help="K values (default: 1 2)")
     ap.add_argument("--batches", nargs="+", type=int, default=None, help="global batch sizes (default: 64 256)")
-    ap.add_argument("--steps", type=int, default=1, help="timed steps after the warm-up (default: 1)")
+    ap.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up (default: 2)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of each job (default: 2)")
     ap.add_argument("--json", help="also write every row to this file")
     ap.add_argument("--job", nargs="+", help=argparse.SUPPRESS)
