@@ -289,6 +289,7 @@ class StoreBatches:
 
 
 def zeroshot_rows(ctx: Context) -> list[dict]:
+    note = stand_in_sklearn()
     import clip_benchmark.metrics.zeroshot_classification as zsc
     from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
@@ -296,7 +297,6 @@ def zeroshot_rows(ctx: Context) -> list[dict]:
     from study.library.models import load_base_model
     from study.library.zeroshot import evaluate_sets
 
-    note = stand_in_sklearn()
     zsc.accuracy = _accuracy  # clip-benchmark 1.6.2 calls float() on an array, which numpy >= 2.4 refuses
     lm = load_base_model(ctx.size["model"], None, device=ctx.device)
     spec = ctx.data.specs("specialized")[0]

@@ -13,8 +13,10 @@ trial's worker does with the frozen-prefix feature cache (the study's default pa
 * then loads a second copy of the base model, as the WiSE-FT curve does after the last epoch.
 
 It reports the peak RSS of that process (``VmHWM``: everything resident, model, activations, Python, torch), the
-RSS before the first step, and the seconds of the fastest timed step after one warm-up step (the least
-disturbed on a shared machine; two timed steps by default), and the parameter counts.
+RSS before the first step, the fastest timed step after one warm-up step (two timed steps by default) in wall
+seconds and in CPU seconds of the process (all its threads: on a machine others share, CPU time is disturbed far
+less than wall time; on ``--threads`` idle cores a step's wall time is about CPU time / threads), and the
+parameter counts.
 
 Separately, per model, the frozen-prefix stores are built for real (``finetune_features`` and
 ``benchmark_features`` on 8 and 16 generated images) and their size per 1,000 images is the difference, scaled:
@@ -108,9 +110,9 @@ def job_step(name: str, blocks: int, batch: int, steps: int, threads: int) -> di
     loss_fn = ClipLoss()
     net.train()
     before = status_kb("VmRSS") * 1024
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     for _ in range(steps + 1):  # the first is a warm-up
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with autocast:
             img_f, txt_f, scale = net(xi, xt, tokens)
             loss = alignment_loss(loss_fn, img_f, txt_f, scale, s.tether_weight, teacher_img, teacher_txt)
@@ -122,12 +124,14 @@ def job_step(name: str, blocks: int, batch: int, steps: int, threads: int) -> di
         clamp_logit_scale(lm.model.logit_scale)
         losses.append(loss.item())
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     train_peak = status_kb("VmHWM") * 1024
     second = load_base_model(name, None)  # WiSE-FT's fresh base model, beside the trained one
     del second
     return {"model": name, "blocks": blocks, "batch": batch, "threads": threads, "params": params,
             "trainable": sum(p.numel() for p in trainable), "rss_before_steps": before, "train_peak": train_peak,
             "peak": status_kb("VmHWM") * 1024, "s_per_step": min(times[1:]), "step_times": times,
+            "cpu_s_per_step": min(cpu[1:]), "step_cpu_times": cpu,
             "losses": losses}
 
 
@@ -196,15 +200,16 @@ def gpu_estimate(row: dict) -> tuple[float, float]:
 
 
 def table(steps: list[dict], stores: dict) -> str:
-    lines = ["| model | params | K | batch | trainable | peak RSS (GiB) | step's own (GiB) | s/step | "
-             "prefix store / 1,000 pairs | / 1,000 benchmark images | GPU estimate fp32 / bf16 (GiB) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | params | K | batch | trainable | peak RSS (GiB) | step's own (GiB) | s/step (wall) | "
+             "CPU-s/step | prefix store / 1,000 pairs | / 1,000 benchmark images | GPU estimate fp32 / bf16 (GiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in steps:
         st = stores.get(r["model"], {}).get("per_1000", {})
         fp32, bf16 = gpu_estimate(r)
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.0f}M | {r['blocks']} | {r['batch']} | "
                      f"{r['trainable'] / 1e6:.2f}M | {gib(r['peak'])} | {gib(r['train_peak'] - r['rss_before_steps'])} "
-                     f"| {r['s_per_step']:.1f} | {st.get('finetune', float('nan')) / 1e9:.2f} GB | "
+                     f"| {r['s_per_step']:.1f} | {r.get('cpu_s_per_step', float('nan')):.1f} | "
+                     f"{st.get('finetune', float('nan')) / 1e9:.2f} GB | "
                      f"{st.get('benchmark', float('nan')) / 1e9:.2f} GB | {fp32:.1f} / {bf16:.1f} |")
     return "\n".join(lines)
 

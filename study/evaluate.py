@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         print(line + f"  ({int(m['images'])} images)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": args.model, "pretrained": pretrained, "weights": source,
-                                              "metrics": metrics}, indent=2))
+        record = {"model": args.model, "pretrained": pretrained, "weights": source, "metrics": metrics}
+        args.json.write_text(json.dumps(record, indent=2))
     return 0
 
 
