@@ -380,13 +380,13 @@ def packing_rows(ctx: Context, work: Path) -> list[dict]:
     finally:
         ray.shutdown()
     done = [r for r in grid if r.error is None and r.metrics.get("epoch") == job.settings.epochs]
-    starts = [r.metrics_dataframe["worker_start_time"].dropna().min() for r in done]
-    ends = [r.metrics_dataframe["timestamp"].max() for r in done]
-    together = len(done) == 4 and max(starts) < min(ends)
+    starts = [float(r.metrics_dataframe["worker_start_time"].dropna().min()) for r in done]
+    ends = [float(r.metrics_dataframe["timestamp"].max()) for r in done]
+    together = bool(len(done) == 4 and max(starts) < min(ends))
     where = "one GPU" if gpu else "the CPU (--cpu-smoke: no GPU to share)"
     return [row("packing", f"4 trials at {res} on {where}: finished, overlapping", 4, len(done),
                 max(starts) - min(ends) if done else float("nan"), "s (last start - first end)", "all finish, at once",
-                together)]
+                together, "; ".join(f"{r.error}" for r in grid if r.error is not None)[:300])]
 
 
 # ------------------------------------------------------------------------------------------ the command
