@@ -269,10 +269,11 @@ def worker_rows(ctx: Context) -> list[dict]:
         for e in range(1, n + 1):
             run(e)
         ctx.sync()
-        rates.setdefault(name.rstrip("2"), []).append(n * w.steps_per_epoch * w.global_batch / (time.perf_counter() - t0))
+        pairs = n * w.steps_per_epoch * w.global_batch
+        rates.setdefault(name.rstrip("2"), []).append(pairs / (time.perf_counter() - t0))
     bare, worker = statistics.median(rates["bare"]), statistics.median(rates["worker"])
-    return [row("worker", "training pairs/s: worker train_epoch vs bare CUDA loop", bare, worker, worker / bare, "ratio",
-                ">= 0.9", None, "features streamed from the store each step vs resident on the GPU")]
+    return [row("worker", "training pairs/s: worker train_epoch vs bare CUDA loop", bare, worker, worker / bare,
+                "ratio", ">= 0.9", None, "features streamed from the store each step vs resident on the GPU")]
 
 
 class StoreBatches:
@@ -304,7 +305,8 @@ def zeroshot_rows(ctx: Context) -> list[dict]:
     batch = ctx.size["batch"]
     loader = DataLoader(StoreBatches(s), batch_size=None,
                         sampler=BatchSampler(SequentialSampler(range(len(s.images))), batch, drop_last=False))
-    passes = {"ours": lambda: evaluate_sets(lm.model, lm.tokenizer, [s], ctx.device.type, batch_size=batch)[0]["specialized_top1"],
+    passes = {"ours": lambda: evaluate_sets(lm.model, lm.tokenizer, [s], ctx.device.type,
+                                            batch_size=batch)[0]["specialized_top1"],
               "clip_benchmark": lambda: zsc.evaluate(lm.model, loader, lm.tokenizer, s.classnames, list(spec.templates),
                                                      ctx.device.type, amp=False)["acc1"]}
     top1 = {k: fn() for k, fn in passes.items()}  # one unmeasured pass each
@@ -397,8 +399,9 @@ def table(rows: list[dict]) -> str:
     lines = ["| row | check | baseline | measured | value | goal | result |", "|---|---|---:|---:|---:|---|---|"]
     for r in rows:
         result = {True: "ok", False: "WRONG", None: "reported"}[r["ok"]]
+        note = f" ({r['note']})" if r["note"] else ""
         lines.append(f"| {r['row']} | {r['check']} | {fmt(r['baseline'])} | {fmt(r['measured'])} | "
-                     f"{fmt(r['value'])} {r['unit']} | {r['goal']} | {result}{' (' + r['note'] + ')' if r['note'] else ''} |")
+                     f"{fmt(r['value'])} {r['unit']} | {r['goal']} | {result}{note} |")
     return "\n".join(lines)
 
 

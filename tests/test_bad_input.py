@@ -190,9 +190,11 @@ CASES = [
     R("quniform-q-zero", ["--set", "params.tether_weight={distribution: quniform, low: 0, high: 1, q: 0}"],
       "params.tether_weight.q"),
     # ---- what Ray Tune or Optuna would refuse only after Ray started (issue 24)
-    R("quniform-high-off-grid", ["--set", "params.data_fraction={distribution: quniform, low: 0.1, high: 0.95, q: 0.1}"],
+    R("quniform-high-off-grid",
+      ["--set", "params.data_fraction={distribution: quniform, low: 0.1, high: 0.95, q: 0.1}"],
       "--set params.data_fraction", "params.data_fraction.high", "not a multiple of q 0.1", "use high: 0.9"),
-    R("quniform-both-off-grid", ["--set", "params.tether_weight={distribution: quniform, low: 0.05, high: 0.95, q: 0.1}"],
+    R("quniform-both-off-grid",
+      ["--set", "params.tether_weight={distribution: quniform, low: 0.05, high: 0.95, q: 0.1}"],
       "params.tether_weight.low", "use low: 0.1, high: 0.9"),
     R("quniform-q-wider-than-range", ["--set", "params.tether_weight={distribution: quniform, low: 0.1, high: 0.2, "
                                                "q: 0.5}"], "params.tether_weight.q", "no multiple of q 0.5"),

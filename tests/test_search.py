@@ -81,8 +81,10 @@ EDGE_SPACES = {
                          "learning_rate": {"distribution": "loguniform", "low": 1e-3, "high": 1e-3}},
     "logint-from-one-and-mixed-numbers": {"lora_rank": {"distribution": "logint", "low": 1, "high": 8},
                                           "tether_weight": {"distribution": "categorical", "choices": [0, 0.5, 1]},
-                                          "train_projections": {"distribution": "categorical", "choices": [True, False]},
-                                          "lora_targets": {"distribution": "categorical", "choices": ["attn", "attn+mlp"]}},
+                                          "train_projections": {"distribution": "categorical",
+                                                                "choices": [True, False]},
+                                          "lora_targets": {"distribution": "categorical",
+                                                           "choices": ["attn", "attn+mlp"]}},
 }
 
 

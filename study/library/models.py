@@ -140,7 +140,8 @@ def load_base_model(name: str, pretrained: str | None, device="cpu", trainable: 
             # randomly initialised model under the Hub repo's name; fetch (or find in the cache) the weights first
             open_clip.pretrained.download_pretrained_from_hf(name.removeprefix("hf-hub:"))
         model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, device=device, weights_only=True, force_quick_gelu=quick_gelu(name, pretrained))
+            name, pretrained=pretrained, device=device, weights_only=True,
+            force_quick_gelu=quick_gelu(name, pretrained))
         tokenizer = open_clip.get_tokenizer(name)
     except (RuntimeError, OSError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as exc:
         raise ModelError(load_failure(name, pretrained, exc)) from None
