@@ -126,6 +126,11 @@ def software_line(versions: dict[str, dict[str, int]]) -> str:
     return ", ".join(f"{n} {'/'.join(sorted(versions[n]))}" for n in names if n in versions)
 
 
+def model_line(rec: StudyRecords) -> str:
+    """The sweep's base model and where its weights came from (as the summary says it), or "" when unrecorded."""
+    return rec.sweep.base_model if rec.sweep is not None else ""
+
+
 def baseline_sentence(rec: StudyRecords) -> str:
     """The baseline on the test part with the chance level of each metric."""
     b = rec.baseline
@@ -267,6 +272,8 @@ def write_report(rec: StudyRecords, out: Path) -> tuple[Path, list[str]]:
     md = [f"# Finding: {rec.experiment}", "", f"Sweep (MLflow parent run) `{rec.parent_run_id}`. Trials are chosen on "
           f"the validation part of each benchmark; every number reported is on the held-out test part. Headline "
           f"metric: {metric_words(rec.headline)}.", ""]
+    if model := model_line(rec):
+        md += [f"Base model: {model}.", ""]
     if software := software_line(rec.versions):
         md += [f"Software (the runs' `version.*` tags): {software}.", ""]
     md += [f"- {s}" for s in lines]
@@ -321,6 +328,7 @@ def html_report(rec: StudyRecords, lines: list[str], figures: list[Path]) -> str
              f"<p>Sweep (MLflow parent run) <code>{rec.parent_run_id}</code>. Trials are chosen on the validation part "
              f"of each benchmark; every number reported is on the held-out test part. Headline metric: "
              f"{html.escape(metric_words(rec.headline))}.</p>",
+             f"<p>Base model: {html.escape(model_line(rec))}.</p>" if model_line(rec) else "",
              f"<p>Software (the runs' <code>version.*</code> tags): {html.escape(software_line(rec.versions))}.</p>"
              if rec.versions else "",
              "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in lines) + "</ul>", "<h2>Headline</h2>",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -47,19 +48,24 @@ TRIAL_FIELDS = set(KNOBS)
 
 
 # ------------------------------------------------------------ search space
-class Uniform(_Strict):
+class _Range(_Strict):
+    # Ray Tune refuses an infinite bound (tune.uniform: "Uniform requires a upper bound") and NaN compares false
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class Uniform(_Range):
     distribution: Literal["uniform"]
     low: float
     high: float
 
 
-class LogUniform(_Strict):
+class LogUniform(_Range):
     distribution: Literal["loguniform"]
     low: float = Field(gt=0)
     high: float = Field(gt=0)
 
 
-class QUniform(_Strict):
+class QUniform(_Range):
     distribution: Literal["quniform"]
     low: float
     high: float
@@ -81,6 +87,15 @@ class IntRange(_Strict):
 class Categorical(_Strict):
     distribution: Literal["categorical"]
     choices: list[Union[str, int, float, bool]] = Field(min_length=1)
+
+    @field_validator("choices", mode="before")
+    @classmethod
+    def _scalars(cls, v):
+        for c in v if isinstance(v, list) else []:
+            if not isinstance(c, (str, int, float, bool)):  # what one Optuna categorical parameter holds here
+                raise ValueError(f"each choice is one number, word or true/false, not {c!r} (a list knob's choice is "
+                                 f"written 'attn+mlp')")
+        return v
 
 
 Distribution = Annotated[Union[Uniform, LogUniform, QUniform, IntRange, Categorical],
@@ -422,6 +437,7 @@ def _distribution(name: str, spec: dict, blame, defaults: dict) -> BaseModel:
                               f"give every choice as {want.__name__ if want is not list else 'a string'}")
     elif dist.low > dist.high:
         raise ConfigError(f"{blame(where)}: {where}: low {dist.low} is above high {dist.high}")
+    _as_tune_and_optuna_take_it(dist, where, blame)
     probes = [("choices", c) for c in dist.choices] if isinstance(dist, Categorical) else [
         ("low", dist.low), ("high", dist.high)]
     for field, value in probes:
@@ -431,6 +447,38 @@ def _distribution(name: str, spec: dict, blame, defaults: dict) -> BaseModel:
             loc, msg = _loc(err, ("params",))
             raise ConfigError(f"{blame(where)}: {where}.{field}: {msg}") from None
     return dist
+
+
+def _on_grid(x: float, q: float) -> bool:
+    """Ray Tune's own test of a quantized bound (``ray.tune.search.sample.Float.quantized``)."""
+    return math.isclose(x / q, round(x / q))
+
+
+def _as_tune_and_optuna_take_it(dist: BaseModel, where: str, blame) -> None:
+    """What Ray Tune or Optuna would refuse (or silently distort) only once the sweep has started: a ``quniform``
+    bound off the grid of ``q`` (``tune.quniform`` raises "not divisible by quantization factor"), and a
+    categorical choice given twice (the sampler then draws it twice as often)."""
+    if isinstance(dist, QUniform):
+        low, high, q = dist.low, dist.high, dist.q
+        first, last = math.ceil(low / q - 1e-9) * q, math.floor(high / q + 1e-9) * q  # the grid inside [low, high]
+        if first > last + 1e-12 * q:
+            raise ConfigError(f"{blame(where)}: {where}.q: no multiple of q {q:g} lies in [{low:g}, {high:g}], and "
+                              f"quniform draws multiples of q; use a smaller q")
+        off = [(f, v, fix) for f, v, fix in (("low", low, first), ("high", high, last)) if not _on_grid(v, q)]
+        if off:
+            fixes = ", ".join(f"{f}: {_short(fix)}" for f, _, fix in off)
+            raise ConfigError(f"{blame(where)}: {where}.{off[0][0]}: {off[0][1]:g} is not a multiple of q {q:g}, and "
+                              f"Ray Tune's quniform needs both bounds on the grid of q; use {fixes}")
+    if isinstance(dist, Categorical):
+        repeated = [c for i, c in enumerate(dist.choices) if c in dist.choices[:i]]
+        if repeated:
+            raise ConfigError(f"{blame(where)}: {where}.choices: {repeated[0]!r} is given twice, so the search "
+                              f"would draw it twice as often; give each choice once")
+
+
+def _short(x: float) -> str:
+    """A grid point without float noise: ``0.30000000000000004`` -> ``0.3``."""
+    return f"{x:.12g}"
 
 
 def _validate_params(params: dict, blame) -> SearchSpace:
@@ -523,9 +571,20 @@ def load_study_config(path: Path | str | None = None, overrides: list[Override] 
     if cfg.search.sampler == "stratified" and not any(isinstance(d, Categorical) for d in cfg.space.searched.values()):
         raise ConfigError(f"{blame('search.sampler')}: search.sampler: stratified needs a categorical knob to stratify "
                           f"over (e.g. params.method: {{distribution: categorical, choices: [lora, full]}})")
+    _check_early_stopping(cfg, blame)
     cfg.data = cfg.data.resolved(str(path))
     if cfg.params.get("shots_per_class") is not None and not cfg.data.finetune.label_column:
         raise ConfigError(f"{blame('data.finetune.label_column')}: data.finetune.label_column: params.shots_per_class "
                           f"takes k images of each class, but data.finetune has no labels (captions only); name its "
                           f"label column")
     return cfg
+
+
+def _check_early_stopping(cfg: StudyConfig, blame) -> None:
+    """ASHA's first rung must come no later than the longest trial's last epoch (Ray Tune's ASHAScheduler asserts
+    ``max_t >= grace_period``, with ``max_t`` the space's largest ``epochs``)."""
+    es, longest = cfg.search.early_stopping, max(int(e) for e in cfg.space.values("epochs"))
+    if es is not None and es.grace_period > longest:
+        where = "search.early_stopping.grace_period"
+        raise ConfigError(f"{blame(where)}: {where}: {es.grace_period} epochs, but no trial of this space runs more "
+                          f"than {longest} (params.epochs); use grace_period: {longest} or fewer")

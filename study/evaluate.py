@@ -19,7 +19,7 @@ from .checks import Parser, check_folder, positive_int
 from .config import ConfigError
 from .library.benchmarks import SpecError, decode, load_spec, shipped_specs
 from .library.export import ExportError
-from .library.models import OFFLINE_MODEL, ModelError, check_model, load_base_model
+from .library.models import OFFLINE_MODEL, ModelError, check_model, load_base_model, weights_source
 from .library.sources import DataError
 from .library.webdataset import COLLECTIONS
 
@@ -147,15 +147,16 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             metrics = evaluate_specs(args.model, pretrained, specs, args.cache_dir.resolve(), args.device,
                                      args.batch_size, args.data_seed, args.offline_scale)
-        if args.run_id:
-            pretrained = f"run {args.run_id}, WiSE-FT alpha {args.alpha}"
+        source = (f"fine-tuned: run {args.run_id}, WiSE-FT alpha {args.alpha}" if args.run_id
+                  else weights_source(args.model, args.pretrained))
+        pretrained = source if args.run_id else pretrained  # the exported file was temporary
     except (ConfigError, SpecError, DataError, ModelError, ExportError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    print(f"{args.model} ({pretrained or 'random init'}), {time.time() - t0:.1f}s")
+    print(f"{args.model} ({source}), {time.time() - t0:.1f}s")
     for spec in specs:
         m = {k.removeprefix(f"{spec.name}_"): v for k, v in metrics.items() if k.startswith(f"{spec.name}_")}
         if spec.task == "classification":
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         print(line + f"  ({int(m['images'])} images)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": args.model, "pretrained": pretrained, "metrics": metrics}, indent=2))
+        record = {"model": args.model, "pretrained": pretrained, "weights": source, "metrics": metrics}
+        args.json.write_text(json.dumps(record, indent=2))
     return 0
 
 

@@ -28,7 +28,8 @@ def split_parts(v):
 class TrialSettings(BaseModel):
     """Everything that defines one fine-tuning trial. Search-space ``params`` name these fields."""
 
-    model_config = ConfigDict(extra="forbid")
+    # A NaN or infinite knob (a fixed value, a choice, a range's end) is refused, as Ray Tune refuses infinite bounds
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: Method = Field("lora", description="what trains in the last K blocks: 'lora' (peft adapters on "
                            "lora_targets), 'full' (every weight), 'bitfit' (the biases, arXiv 2106.10199), "

@@ -80,6 +80,7 @@ def client(tracking_uri: str):
 # MLflow 3 UIs before the global "GenAI | Model training" switch open an experiment on the view its kind names;
 # 3.17's follows the switch (GenAI unless chosen), so the summary links to ?workflowType=machine_learning too.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+WEIGHTS_PARAM = "model.weights"  # the sweep's and the baseline's: where the base model's weights came from, in words
 
 
 def ensure_experiment(c, name: str, tracking_uri: str) -> str:
@@ -449,7 +450,10 @@ class SweepRecorder:
         from mlflow.entities import Metric
 
         c, parent = self.c, self.parent_run_id
+        from .library.models import weights_source
+
         weights = {"model.pretrained": prepared.model_pretrained} if prepared.model_pretrained else {}
+        weights[WEIGHTS_PARAM] = weights_source(cfg.model.name, cfg.model.pretrained)  # in words: where they came from
         log_params(c, parent, {"search.trials": str(cfg.search.trials), "evaluation.headline": cfg.evaluation.headline,
                                "search.objective": ",".join(f"{o.metric}:{o.mode}" for o in cfg.search.objective),
                                "search.sampler": cfg.search.sampler, "model.name": cfg.model.name, **weights,
@@ -613,6 +617,20 @@ class SweepRecord:
     def model_pretrained(self) -> Optional[str]:
         """The base model's weights as the sweep resolved them (tag, file, Hub id), or None for random ones."""
         return weights_of(self.params)
+
+    @property
+    def model_weights(self) -> str:
+        """Where the base model's weights came from, in words (``model.weights``; for sweeps that predate it, said
+        from the resolved ``model.pretrained``)."""
+        from .library.models import weights_source
+
+        return self.params.get(WEIGHTS_PARAM) or weights_source(self.model_name, self.model_pretrained)
+
+    @property
+    def base_model(self) -> str:
+        """``ViT-B-32, weights from open_clip tag laion2b_s34b_b79k: Hugging Face Hub repo laion/...``, as the summary
+        and the report name the base model ("" when the sweep recorded none)."""
+        return f"{self.model_name}, weights from {self.model_weights}" if "model.name" in self.params else ""
 
     @property
     def headline(self) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hub_cache import offline
 from PIL import Image
 
 SPACE = "{tmp}/space.yaml"
@@ -97,6 +98,8 @@ FILES = {
         "params:\n  lora_rank: {distribution: uniform, low: 2, high: 8}\n"),
     "logint0": lambda t: (t / "space.yaml").write_text(
         "params:\n  lora_blocks: {distribution: logint, low: 0, high: 2}\n"),
+    "quniform_off_grid": lambda t: (t / "space.yaml").write_text(  # issue 24: Optuna failed after Ray started
+        "params:\n  learning_rate: {distribution: quniform, low: 1.0e-4, high: 1.0e-2, q: 2.0e-4}\n"),
     "mixed": lambda t: (t / "space.yaml").write_text(
         "search: {early_stopping: {type: asha}}\n"
         "params:\n  learning_rate: {distribution: loguniform, low: 1.0e-4, high: 1.0e-2}\n"
@@ -177,6 +180,8 @@ CASES = [
       files=["int_uniform"]),
     R("space-logint-low-zero", ["--space", SPACE], SPACE, "params.lora_blocks", "logint needs low >= 1",
       files=["logint0"]),
+    R("space-quniform-low-off-grid", ["--space", SPACE], SPACE, "params.learning_rate.low",
+      "0.0001 is not a multiple of q 0.0002", "use low: 0.0002", files=["quniform_off_grid"]),
     # --smoke-test fixes epochs at 1, but the space the real run reads is checked too
     R("space-mixed-choices", ["--space", SPACE], SPACE, "params.epochs.choices", "mix types", files=["mixed"]),
     # ---- distributions (through --set, so the flag is named)
@@ -209,6 +214,44 @@ CASES = [
       "params.tether_weight.step", "Extra inputs"),
     R("quniform-q-zero", ["--set", "params.tether_weight={distribution: quniform, low: 0, high: 1, q: 0}"],
       "params.tether_weight.q"),
+    # ---- what Ray Tune or Optuna would refuse only after Ray started (issue 24)
+    R("quniform-high-off-grid",
+      ["--set", "params.data_fraction={distribution: quniform, low: 0.1, high: 0.95, q: 0.1}"],
+      "--set params.data_fraction", "params.data_fraction.high", "not a multiple of q 0.1", "use high: 0.9"),
+    R("quniform-both-off-grid",
+      ["--set", "params.tether_weight={distribution: quniform, low: 0.05, high: 0.95, q: 0.1}"],
+      "params.tether_weight.low", "use low: 0.1, high: 0.9"),
+    R("quniform-q-wider-than-range", ["--set", "params.tether_weight={distribution: quniform, low: 0.1, high: 0.2, "
+                                               "q: 0.5}"], "params.tether_weight.q", "no multiple of q 0.5"),
+    R("uniform-infinite-high", ["--set", "params.tether_weight={distribution: uniform, low: 0, high: .inf}"],
+      "params.tether_weight.high", "finite number"),
+    R("uniform-nan-low", ["--set", "params.tether_weight={distribution: uniform, low: .nan, high: 1}"],
+      "params.tether_weight.low", "finite number"),
+    R("loguniform-infinite-high", ["--set", "params.learning_rate.high=.inf"], "params.learning_rate.high",
+      "finite number"),
+    R("quniform-infinite-high", ["--set", "params.tether_weight={distribution: quniform, low: 0, high: .inf, q: 1}"],
+      "params.tether_weight.high", "finite number"),
+    R("int-fractional-bound", ["--set", "params.lora_blocks={distribution: int, low: 1, high: 2.5}"],
+      "params.lora_blocks.high", "fractional part"),
+    R("logint-negative-low", ["--set", "params.lora_rank={distribution: logint, low: -2, high: 8}"],
+      "params.lora_rank", "logint needs low >= 1"),
+    R("choice-nan", ["--set", "params.tether_weight={distribution: categorical, choices: [0.5, .nan]}"],
+      "params.tether_weight.choices", "finite number"),
+    R("choice-infinite", ["--set", "params.learning_rate={distribution: categorical, choices: [0.001, .inf]}"],
+      "params.learning_rate.choices", "finite number"),
+    R("choice-repeated", ["--set", "params.lora_rank.choices=[2, 4, 2]"], "params.lora_rank.choices",
+      "2 is given twice"),
+    R("choice-repeated-as-float", ["--set", "params.tether_weight={distribution: categorical, choices: [1, 1.0]}"],
+      "params.tether_weight.choices", "given twice"),
+    R("choice-a-list", ["--set", "params.lora_targets={distribution: categorical, choices: [[attn], [mlp]]}"],
+      "params.lora_targets.choices", "one number, word or true/false", "'attn+mlp'"),
+    R("choice-null", ["--set", "params.lora_alpha={distribution: categorical, choices: [null, 8]}"],
+      "params.lora_alpha.choices", "not None"),
+    R("fixed-value-infinite", ["--set", "learning_rate=.inf"], "--set learning_rate", "params.learning_rate",
+      "finite number"),
+    R("fixed-value-nan", ["--set", "weight_decay=.nan"], "params.weight_decay", "finite number"),
+    R("asha-grace-beyond-epochs", ["--set", "search.early_stopping={type: asha, grace_period: 3}"],
+      "--set search.early_stopping", "search.early_stopping.grace_period", "no trial of this space runs more than 1"),
     R("fixed-value-invalid", ["--set", "tether_weight=-1"], "--set tether_weight", "params.tether_weight"),
     R("fraction-above-one", ["--set", "data_fraction=1.5"], "params.data_fraction"),
     R("nothing-trains", ["--set", "lora_blocks=0", "--set", "train_projections=false", "--set",
@@ -321,6 +364,13 @@ CASES = [
       "model.pretrained", "notclip.pt", "does not load into 'ViT-B-32'", files=["ckpt"]),
     R("hf-hub-offline", ["--set", "model.name=hf-hub:clip-study/does-not-exist"], "model.name",
       "cannot be loaded"),
+    R("model-tag-not-in-the-hub-cache", ["--set", "model.name=ViT-B-16", "--set", "model.pretrained=openai"],
+      "model.pretrained", "tag 'openai' of 'ViT-B-16'", "a copy in the Hugging Face cache"),
+    R("finetune-hub-dataset-not-in-the-cache", ["--set", "data.finetune.source=clip-study/not-cached"],
+      "data.finetune.source", "cannot load Hugging Face dataset 'clip-study/not-cached'", "ConnectionError"),
+    R("benchmark-hub-dataset-not-in-the-cache",
+      ["--set", "data.specialized=[{name: cells, source: clip-study/not-cached, split: test}]"],
+      "data.specialized", "clip-study/not-cached"),
     # ---- study.evaluate
     E("eval-batch-size-zero", ["--benchmark", "shapes", "--batch-size", "0"], "--batch-size", ">= 1"),
     E("eval-batch-size-word", ["--benchmark", "shapes", "--batch-size", "big"], "--batch-size", "'big'"),
@@ -374,6 +424,11 @@ def store_template(tmp_path_factory):
     return folder / "mlflow.db", run
 
 
+@pytest.fixture(scope="module")
+def empty_hf_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("hf-home-empty")
+
+
 @pytest.fixture
 def closed_port() -> int:
     with socket.socket() as s:
@@ -420,13 +475,12 @@ def _runs(db: Path) -> list:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_line_and_exit_2(case, tmp_path, smoke_cache, store_template, closed_port, monkeypatch):
+def test_bad_input_is_one_line_and_exit_2(case, tmp_path, smoke_cache, store_template, closed_port, monkeypatch,
+                                          empty_hf_home):
     monkeypatch.chdir(tmp_path)
     for var in ("MLFLOW_TRACKING_URI", "OPTUNA_STORAGE", "RAY_ADDRESS", "CLIP_STUDY_STORAGE_PATH"):
         monkeypatch.delenv(var, raising=False)
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no test reaches the network
+    offline(monkeypatch, empty_hf_home)  # no test reaches the network, nor finds a Hub file in the user's cache
     for var, value in case.env.items():
         monkeypatch.setenv(var, value)
     for name in case.files:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,13 +57,51 @@ def check_model(name: str, pretrained: str | None, where: str = "model") -> None
             raise ModelError(f"{where}.pretrained: {name!r} needs a pretrained tag or a checkpoint path; "
                              f"tags: {open_clip.list_pretrained_tags_by_model(name)}")
         return
-    if Path(pretrained).expanduser().suffix in {".pt", ".pth", ".bin", ".safetensors"} or "/" in pretrained:
+    if is_checkpoint_path(pretrained):
         if not Path(pretrained).expanduser().is_file():
             raise ModelError(f"{where}.pretrained: checkpoint {pretrained!r} does not exist")
         return
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
         raise ModelError(f"{where}.pretrained: unknown tag {pretrained!r} for {name!r}; tags: {tags}")
+
+
+def is_checkpoint_path(pretrained: str) -> bool:
+    """Whether ``pretrained`` names a weights file (by its suffix, or a ``/`` in it) rather than an open_clip tag."""
+    return Path(pretrained).expanduser().suffix in {".pt", ".pth", ".bin", ".safetensors"} or "/" in pretrained
+
+
+def weights_source(name: str, pretrained: str | None) -> str:
+    """Where the weights of model ``name`` come from, in words, for every place that names a model (``study.evaluate``,
+    the summary, the report, the sweep's MLflow params): an open_clip tag with the Hub repo (and file) it resolves to
+    (``open_clip.get_pretrained_cfg(name, tag)["hf_hub"]``), a checkpoint file, a Hub repo (``hf-hub:``), the offline
+    pretraining, or random init. ``pretrained`` as configured: a tag, a path, or None."""
+    import open_clip
+
+    if name.startswith("hf-hub:"):
+        return f"Hugging Face Hub repo {name.removeprefix('hf-hub:')} (open_clip_config.json and its weights)"
+    if name.startswith("local-dir:"):
+        return f"local folder {name.split(':', 1)[1]}"
+    if pretrained is None:
+        return "offline pretraining on the generated general domain" if name == OFFLINE_MODEL else "random init"
+    if is_checkpoint_path(pretrained):
+        return f"checkpoint {pretrained}"
+    cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
+    repo, file = posixpath.split(cfg.get("hf_hub") or "")  # open_clip's own split: "org/repo/" or "org/repo/file"
+    if repo:
+        return f"open_clip tag {pretrained}: Hugging Face Hub repo {repo}" + (f", file {file}" if file else "")
+    return f"open_clip tag {pretrained}: {cfg.get('url') or 'no download location known'}"
+
+
+def quick_gelu(name: str, pretrained: str | None) -> bool:
+    """Whether tag ``pretrained`` of ``name`` was trained with QuickGELU (OpenAI's weights: ViT-B-16 + ``openai``),
+    which open_clip's plain ``ViT-B-16`` config lacks: open_clip only warns ("QuickGELU mismatch") and builds GELU,
+    a different network from the one the weights were trained in."""
+    import open_clip
+
+    if pretrained is None or name.startswith(("hf-hub:", "local-dir:")) or is_checkpoint_path(pretrained):
+        return False
+    return bool((open_clip.get_pretrained_cfg(name, pretrained) or {}).get("quick_gelu", False))
 
 
 def _no_errors(record: logging.LogRecord) -> bool:
@@ -97,8 +136,12 @@ def load_base_model(name: str, pretrained: str | None, device="cpu", trainable: 
     hub_level = hub.level
     hub.setLevel(logging.ERROR)
     try:
+        if name.startswith("hf-hub:"):  # open_clip only warns when the repo's weights are missing, and builds a
+            # randomly initialised model under the Hub repo's name; fetch (or find in the cache) the weights first
+            open_clip.pretrained.download_pretrained_from_hf(name.removeprefix("hf-hub:"))
         model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, device=device, weights_only=True)
+            name, pretrained=pretrained, device=device, weights_only=True,
+            force_quick_gelu=quick_gelu(name, pretrained))
         tokenizer = open_clip.get_tokenizer(name)
     except (RuntimeError, OSError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as exc:
         raise ModelError(load_failure(name, pretrained, exc)) from None

@@ -40,6 +40,7 @@ def format_summary(sweep: SweepRecord, cfg: StudyConfig, tracking_uri: str, extr
     lines = ["", "=" * 72, "Study summary", "=" * 72,
              f"trials: {len(done)} finished, {len(failed)} failed, {unfinished} unfinished",
              f"chosen on validation ({first.metric}, {first.mode}); every number below is on the test part"]
+    lines += [f"base model: {sweep.base_model}"] if sweep.base_model else []
     lines += [f"  failed {r.label}: {r.error}" for r in failed]
     lines += [f"failure reasons: {failure_counts(failed)}"] if failed else []
     transfer = sweep.tags.get(TRANSFER_NOTE_TAG, "")
