@@ -88,8 +88,9 @@ METHOD_WORDS = {"lora": "LoRA", "full": "full fine-tuning", "bitfit": "BitFit", 
 
 
 def metric_words(name: str) -> str:
-    """How a metric is written in prose: ``top1`` -> ``top-1``, ``balanced_accuracy`` -> ``balanced accuracy``."""
-    return {"top1": "top-1", "balanced_accuracy": "balanced accuracy"}.get(name, name.replace("_", " "))
+    """How a metric is written in prose: ``top1`` -> ``top-1``, ``mean_balanced_accuracy`` -> ``mean balanced
+    accuracy``."""
+    return name.replace("_", " ").replace("top1", "top-1")
 
 
 def change_name(metric: str) -> str:

@@ -69,6 +69,16 @@ def test_smoke_study_records_parent_baseline_and_one_child_per_trial(tmp_path, s
     assert (pm["best/test/specialized_balanced_accuracy_gain_ci_low"] <= pm["best/test/specialized_balanced_accuracy_gain"]
             <= pm["best/test/specialized_balanced_accuracy_gain_ci_high"])
     assert "WiSE-FT (trained change x alpha): alpha" in out and "paired 95% CI [" in out and "Holm-adjusted" in out
+    # The summary's WiSE-FT line gives the metric that chose alpha (the headline's mean over both roles), at every
+    # alpha as the chosen trial logged it (it once listed specialized top-1, which chose nothing).
+    label = re.search(r"best trial (t0[12]) ", out).group(1)
+    best = next(r for r in runs if r.info.run_name.startswith(label + " "))
+    bm = run_metrics(c, best)
+    listed = re.search(r"chosen on validation by mean balanced accuracy gives test balanced accuracy specialized "
+                       r"[\d.]+%, general [\d.]+%; validation mean balanced accuracy by alpha: (.*)", out).group(1)
+    curve = {float(a): float(v) for a, v in re.findall(r"([\d.]+): ([\d.]+)%", listed)}
+    assert curve == {a: pytest.approx(100 * bm[f"val/wiseft/alpha_{a:g}/mean_balanced_accuracy"], abs=0.05)
+                     for a in (0.0, 0.25, 0.5, 0.75, 1.0)}
 
     baseline = next(r for r in children if r.data.tags["study.kind"] == "baseline")
     bm = run_metrics(c, baseline)  # every metric: its metrics/final.json over its top level

@@ -12,8 +12,8 @@ from collections import Counter
 from ..config import StudyConfig
 from ..selection import distance_closed, pareto_front, verdict
 from ..tracking import SweepRecord, TrialRecord
-from ..vocabulary import (EARLY_STOPPED, FAILED, FINISHED, GENERAL_TOP1, LINEAR_PROBE, ORPHANED, ROLES,
-                          SPECIALIZED_TOP1, TEST, TRANSFER_NOTE_TAG, VAL, WISEFT_BEST, WISEFT_BEST_ALPHA, headline,
+from ..vocabulary import (EARLY_STOPPED, FAILED, FINISHED, LINEAR_PROBE, ORPHANED, ROLES,
+                          TEST, TRANSFER_NOTE_TAG, VAL, WISEFT_BEST, WISEFT_BEST_ALPHA, headline,
                           key, metric_words, wiseft_curve)
 
 
@@ -56,7 +56,7 @@ def format_summary(sweep: SweepRecord, cfg: StudyConfig, tracking_uri: str, extr
     else:
         holm = key(TEST, "specialized_mcnemar_p_holm")
         lines += best_lines(best, baseline, cfg.evaluation.headline, best.metrics.get(holm),
-                            sum(holm in t.metrics for t in done))
+                            sum(holm in t.metrics for t in done), cfg.evaluation.wiseft_metric)
         lines += probe_lines(best.metrics, baseline, cfg.evaluation.headline)
         if cfg.multi_objective:
             lines += front_lines(sweep, cfg)
@@ -134,7 +134,8 @@ def probe_lines(m: dict, baseline: dict, head: str) -> list[str]:
     return lines
 
 
-def best_lines(best: TrialRecord, baseline: dict, head: str, p_adjusted: float | None, n_trials: int) -> list[str]:
+def best_lines(best: TrialRecord, baseline: dict, head: str, p_adjusted: float | None, n_trials: int,
+               select: str | None = None) -> list[str]:
     """The chosen trial's test numbers: headline with its paired interval and verdict, top-1 beside it,
     the collapse flag, the corrected p-value, knobs and the WiSE-FT choice."""
     m = best.metrics
@@ -152,12 +153,19 @@ def best_lines(best: TrialRecord, baseline: dict, head: str, p_adjusted: float |
     if best.settings is not None:
         lines.append("  knobs: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(best.settings.model_dump().items())))
     if WISEFT_BEST_ALPHA in m:
-        curve = wiseft_curve(m)
-        lines.append(f"  WiSE-FT (trained change x alpha): alpha {m[WISEFT_BEST_ALPHA]:g} chosen on validation gives "
-                     f"test top-1 specialized {m.get(key(TEST, WISEFT_BEST + SPECIALIZED_TOP1), float('nan')):.1%}, "
-                     f"general {m.get(key(TEST, WISEFT_BEST + GENERAL_TOP1), float('nan')):.1%}; validation "
-                     "specialized top-1 by alpha: " + ", ".join(f"{a:g}: {s:.1%}" for a, s, _ in curve))
+        lines.append(wiseft_line(m, head, select or f"mean_{head}"))
     return lines
+
+
+def wiseft_line(m: dict, head: str, select: str) -> str:
+    """The WiSE-FT choice: ``alpha`` chosen on validation by ``select`` (``evaluation.wiseft_metric``), the test
+    headline of both roles there, and the validation ``select`` at every alpha (what chose it)."""
+    curve = wiseft_curve(m, VAL, select, select)
+    test = {role: m.get(key(TEST, WISEFT_BEST + headline(role, head)), float("nan")) for role in ROLES}
+    return (f"  WiSE-FT (trained change x alpha): alpha {m[WISEFT_BEST_ALPHA]:g} chosen on validation by "
+            f"{metric_words(select)} gives test {metric_words(head)} specialized {test['specialized']:.1%}, general "
+            f"{test['general']:.1%}; validation {metric_words(select)} by alpha: "
+            + ", ".join(f"{a:g}: {v:.1%}" for a, v, _ in curve))
 
 
 def change_line(m: dict, baseline: dict, role: str, head: str) -> str:
