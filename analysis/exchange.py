@@ -53,7 +53,12 @@ class ExchangeRate:
             return f"{name}: too few trials ({self.trials})"
         if not self.enough:
             return f"{name}: no specialized change to measure against"
-        return f"{name} {self.rate:.2f} [{self.ci_low:.2f}, {self.ci_high:.2f}]"
+        return f"{name} {_2(self.rate)} [{_2(self.ci_low)}, {_2(self.ci_high)}]"
+
+
+def _2(value: float) -> str:
+    """Two decimals, never a negative zero (a rate of -0.001 reads 0.00, not -0.00)."""
+    return f"{round(value, 2) + 0.0:.2f}"
 
 
 def _slope(x: np.ndarray, y: np.ndarray) -> float:
@@ -123,16 +128,16 @@ def rate_sentence(rates: list[ExchangeRate], head: str) -> str:
     from study.vocabulary import metric_words
 
     known = [r for r in rates if r.enough]
-    parts = [f"{r.rate:.2f}{' general points' * (i == 0)} with {METHOD_WORDS.get(r.method, r.method)} "
-             f"[{r.ci_low:.2f}, {r.ci_high:.2f}]" for i, r in enumerate(known)]
+    parts = [f"{_2(r.rate)}{' general points' * (i == 0)} with {METHOD_WORDS.get(r.method, r.method)} "
+             f"[{_2(r.ci_low)}, {_2(r.ci_high)}]" for i, r in enumerate(known)]
     text = ""
     if parts:
         text = (f"Exchange rate ({metric_words(head)}, test part, trials and their WiSE-FT curves, bootstrap 95% "
                 f"interval over trials): each point of specialized gain cost " + _join(parts) + " (a negative rate: "
-                "general accuracy rose with it)" * any(r.rate < 0 for r in known) + ".")
+                "general accuracy rose with it)" * any(round(r.rate, 2) < 0 for r in known) + ".")
     few = [r for r in rates if not r.enough]
     if few:
-        text += (" " if text else "") + "Exchange rate: " + "; ".join(
+        text += (" No rate for " if text else "No exchange rate for ") + "; ".join(
             f"{METHOD_WORDS.get(r.method, r.method)}: " + (f"too few trials ({r.trials}, fewer than {MIN_TRIALS})"
                                                            if r.trials < MIN_TRIALS else "no specialized change to "
                                                            "measure against") for r in few) + "."

@@ -99,6 +99,8 @@ def finding(rec: StudyRecords, imps: dict) -> list[str]:
     lines += importance_sentences(imps, n)
     kshot = pd.to_numeric(df.get("shots_per_class", pd.Series(dtype=float)), errors="coerce").notna().any()
     for knob in ("shots_per_class" if kshot else "data_fraction", "lora_rank"):
+        if pd.to_numeric(df.get(knob, pd.Series(dtype=float)), errors="coerce").nunique() < 2:
+            continue  # fixed in this study (methods.yaml fixes both): there is no trend along it to speak of
         text = saturation(df, knob)
         lines.append(text[0].upper() + text[1:] + ".")
     if n < MIN_TRIALS_FOR_TRENDS:

@@ -110,6 +110,7 @@ def test_report_chooses_on_validation_reports_test_and_runs_are_untouched(tmp_pa
     assert "chance 25.0%, one over the classes" in report
     assert re.search(r"mattered most for the specialized gain was \w+", report)
     assert "NonFiniteLossError" in report and "trial(s)" not in report
+    assert "largest data_fraction tried" in report and "largest lora_rank tried" in report  # both searched: a trend
 
 
 def test_single_trial_study_says_so(tmp_path):

@@ -45,6 +45,21 @@ def test_fewer_than_four_trials_give_no_interval():
     assert exchange_rate({}, "attention").trials == 0
 
 
+def test_a_method_that_moves_no_general_point_reads_zero_and_the_sentence_names_the_rate_once():
+    # A methods smoke study found these: general changes all exactly 0 gave "-0.00 [0.00, -0.00]" (negative zeros),
+    # and the methods without a rate began a second "Exchange rate:" in the same sentence.
+    from analysis.exchange import rate_sentence
+
+    flat = exchange_rate({f"t{t}": [(5.0 * (t + 1), -0.0), (10.0 * (t + 1), 0.0)] for t in range(5)}, "bitfit")
+    assert flat.enough and flat.words() == "BitFit 0.00 [0.00, 0.00]"
+    few = exchange_rate(_curves(1.0, 2, noise=0.0), "lora")
+    sentence = rate_sentence([flat, few], "balanced_accuracy")
+    assert sentence.count("xchange rate") == 1 and "-0.00" not in sentence and "negative rate" not in sentence
+    assert sentence.endswith("cost 0.00 general points with BitFit [0.00, 0.00]. No rate for LoRA: too few trials "
+                             "(2, fewer than 4).")
+    assert rate_sentence([few], "top1") == "No exchange rate for LoRA: too few trials (2, fewer than 4)."
+
+
 def test_only_intervals_that_lie_apart_rank_two_methods():
     from analysis.exchange import ExchangeRate, ranking_sentence
 
@@ -95,6 +110,7 @@ def test_the_report_gives_each_methods_rate_and_draws_it(tmp_path):
     assert f"LoRA {lora:.2f} [{low:.2f}, {high:.2f}]; full fine-tuning {full:.2f}" in table
     assert "BitFit: too few trials (2)" in table
     assert (report.parent / "tradeoff_map.png").stat().st_size > 0
+    assert "lora_rank" not in " ".join(lines)  # fixed in this study: no "too few trials to say where gains saturate"
 
 
 def test_a_collapsed_trial_never_has_its_alpha_chosen_by_top1_when_the_headline_is_balanced_accuracy():
