@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="clip-alignment-study", help="MLflow experiment (= study name)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking URI (env MLFLOW_TRACKING_URI); default sqlite:///mlflow.db here")
-    p.add_argument("--parent-run", help="the sweep's parent run id (default: the experiment's latest sweep)")
+    p.add_argument("--parent-run", help="the sweep's parent run id (default: the experiment's latest sweep "
+                   "that is not a --smoke-test's, if it holds one)")
     p.add_argument("--out", type=Path, default=Path("analysis_out"), help="local folder for the report")
     return p
 

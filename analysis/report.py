@@ -69,7 +69,7 @@ def saturation(df: pd.DataFrame, knob: str) -> str:
         return f"mean gain still rises at the largest {knob} tried ({listing}): no saturation seen"
     after = levels[levels.index > levels.idxmax()]
     if len(after) and after.min() < best - 1.0:  # more than a point below the best level
-        return (f"mean gain peaks at {knob} ≈ {levels.idxmax():.3g} and falls at larger values ({listing}); "
+        return (f"mean gain peaks at {knob} ≈ {levels.idxmax():.3g}, and larger values gave less ({listing}); "
                 f"with these few trials per level, a trend, not a finding")
     return f"mean gain reaches 90% of its best by {knob} ≈ {first:.3g} and stays there at larger values ({listing})"
 
@@ -348,7 +348,7 @@ def html_report(rec: StudyRecords, lines: list[str], figures: list[Path]) -> str
 
 
 # The report's trial table: knobs, then the test numbers (the rest is in trials.csv).
-TABLE_COLUMNS = ["trial_id", "status", "learning_rate", "lora_rank", "data_fraction", "shots_per_class",
+TABLE_COLUMNS = ["trial_id", "status", "method", "learning_rate", "lora_rank", "data_fraction", "shots_per_class",
                  "tether_weight", "lora_blocks",
                  "steps", "weight_change_norm", "specialized_balanced_accuracy", "specialized_top1",
                  "general_balanced_accuracy", "general_top1", "specialized_gain_pts", "general_change_pts",
@@ -356,7 +356,10 @@ TABLE_COLUMNS = ["trial_id", "status", "learning_rate", "lora_rank", "data_fract
 
 
 def _markdown_table(df: pd.DataFrame) -> str:
-    cols = [c for c in TABLE_COLUMNS if c in df and (c != "shots_per_class" or df[c].notna().any())]
+    kshot = "shots_per_class" in df and df["shots_per_class"].notna().any()
+    methods = set(df["method"].fillna("lora")) if "method" in df else {"lora"}
+    shown = {"shots_per_class": kshot, "data_fraction": not kshot, "method": methods != {"lora"}}
+    cols = [c for c in TABLE_COLUMNS if c in df and shown.get(c, True)]
     if not len(df):
         return "_none_"
 

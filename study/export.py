@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="a trial's MLflow run id (default: the best trial of the sweep below)")
     p.add_argument("--experiment", default="clip-alignment-study",
                    help="MLflow experiment (= study name; default: clip-alignment-study)")
-    p.add_argument("--parent-run", help="the sweep's parent run id (default: the experiment's latest sweep)")
+    p.add_argument("--parent-run", help="the sweep's parent run id (default: the experiment's latest sweep "
+                   "that is not a --smoke-test's, if it holds one)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking URI (env MLFLOW_TRACKING_URI); default sqlite:///mlflow.db here")
     p.add_argument("--alpha", default="1", help="WiSE-FT alpha in [0, 1] (1: the trained model, 0: the base "

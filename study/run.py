@@ -66,9 +66,10 @@ def space_path(text: str) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="python -m study.run",
-        description="Fine-tune the image-text alignment module (LoRA adapters, projection heads, temperature) of a "
-                    "CLIP model on a domain dataset, searching hyperparameters with Ray Tune + Optuna (a trial trains "
-                    "in its Tune trial, or over Ray Train workers with DDP), and record every trial in MLflow. "
+        description="Fine-tune the image-text alignment module (LoRA adapters, or full, BitFit or attention-only "
+                    "tuning of the last K blocks; projection heads, temperature) of a CLIP model on a domain dataset, "
+                    "searching hyperparameters with Ray Tune + Optuna (a trial trains in its Tune trial, or over Ray "
+                    "Train workers with DDP), and record every trial in MLflow. "
                     "With no arguments: the offline default study.",
         epilog=EXAMPLES, formatter_class=_Help)
     p.add_argument("--space", type=space_path, default=SPACES_DIR / "default.yaml",
@@ -150,7 +151,7 @@ def options_from_args(args):
     return RunOptions(output_dir=args.output_dir.resolve(), cache_dir=args.cache_dir.expanduser().absolute(),
                       tracking_uri=uri, storage_path=_given(args.storage_path, "CLIP_STUDY_STORAGE_PATH")[0],
                       address=_given(args.address, "RAY_ADDRESS")[0], resume=args.resume,
-                      tracking_flag=env if uri and env else "--tracking-uri")
+                      tracking_flag=env if uri and env else "--tracking-uri", smoke_test=args.smoke_test)
 
 
 def checked(args):

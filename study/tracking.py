@@ -31,9 +31,9 @@ from .selection import best
 from .settings import TrialSettings
 from .vocabulary import (BASELINE, COLLAPSED_TAG, EARLY_STOPPED, FAILED, FAILURE_TAG, FINAL_METRICS, FINAL_PREFIX,
                          FINISHED, GIT_COMMIT_TAG, INTERRUPTED, KIND_TAG, MLFLOW_STATUS, NUMBER_TAG, ORPHANED,
-                         OVERLAP_METRIC, PARENT_TAG, REPLICATE, REPLICATE_OF_TAG, RUN_NAME_TAG, RUNNING, SOURCE_TAGS,
-                         SPECIALIZED_TOP1, STATUS_TAG, SWEEP, SWEEP_TAG, TEST, TRANSFER_NOTE_TAG, TRANSFER_TAG, TRIAL,
-                         TRIAL_TAG, VAL, VERSION_TAG, key, top_level)
+                         OVERLAP_METRIC, PARENT_TAG, REPLICATE, REPLICATE_OF_TAG, RUN_NAME_TAG, RUNNING, SMOKE_TAG,
+                         SOURCE_TAGS, SPECIALIZED_TOP1, STATUS_TAG, SWEEP, SWEEP_TAG, TEST, TRANSFER_NOTE_TAG,
+                         TRANSFER_TAG, TRIAL, TRIAL_TAG, VAL, VERSION_TAG, key, top_level)
 
 PACKAGES = ("torch", "torchvision", "open_clip_torch", "peft", "ray", "optuna", "mlflow", "datasets", "numpy",
             "pydantic")
@@ -428,15 +428,18 @@ class SweepRecorder:
         self.c = client(tracking_uri)
 
     @classmethod
-    def start(cls, cfg, prepared, tracking_uri: str, sweep_name: str) -> tuple["SweepRecorder", str]:
+    def start(cls, cfg, prepared, tracking_uri: str, sweep_name: str,
+              smoke: bool = False) -> tuple["SweepRecorder", str]:
         """Create the experiment, the sweep's parent run (``cfg``: the ``StudyConfig``; ``prepared``: what
-        :func:`~study.orchestration.prepare.prepare` found) and its baseline run; returns the recorder and the
-        baseline's run id. A failure on the way closes what was opened, then raises."""
+        :func:`~study.orchestration.prepare.prepare` found; ``smoke``: a ``--smoke-test`` sweep, tagged
+        :data:`SMOKE_TAG`) and its baseline run; returns the recorder and the baseline's run id. A failure on the
+        way closes what was opened, then raises."""
         c = client(tracking_uri)
         exp_id = ensure_experiment(c, cfg.name, tracking_uri)
         tags = {KIND_TAG: SWEEP, SWEEP_TAG: sweep_name,
                 TRANSFER_TAG: "in-distribution" if prepared.transfer else "zero-shot",
-                **({TRANSFER_NOTE_TAG: prepared.transfer} if prepared.transfer else {}), **provenance_tags()}
+                **({TRANSFER_NOTE_TAG: prepared.transfer} if prepared.transfer else {}), **provenance_tags(),
+                **({SMOKE_TAG: "true"} if smoke else {})}
         rec = cls(tracking_uri, exp_id, c.create_run(exp_id, tags=tags, run_name=sweep_label(sweep_name)).info.run_id)
         try:
             return rec, rec._record_start(cfg, prepared, sweep_label(sweep_name))
@@ -735,8 +738,9 @@ def log_trial_model(tracking_uri: str, run_id: str, model, register: Optional[st
 
 
 def find_sweep(c, experiment: str, parent_run_id: str | None = None):
-    """The sweep's parent run: ``parent_run_id``'s, else the experiment's latest. Raises ``LookupError`` naming the
-    flag at fault (``--experiment``, ``--parent-run``)."""
+    """The sweep's parent run: ``parent_run_id``'s, else the experiment's latest that is not a ``--smoke-test``'s
+    (:data:`SMOKE_TAG`; the latest smoke test when the experiment holds nothing else). Raises ``LookupError`` naming
+    the flag at fault (``--experiment``, ``--parent-run``)."""
     from mlflow.exceptions import MlflowException
 
     exp = c.get_experiment_by_name(experiment)
@@ -744,10 +748,10 @@ def find_sweep(c, experiment: str, parent_run_id: str | None = None):
         raise LookupError(f"--experiment: no MLflow experiment named {experiment!r} at {c.tracking_uri}")
     if parent_run_id is None:
         sweeps = c.search_runs([exp.experiment_id], f"tags.`{KIND_TAG}` = '{SWEEP}'", order_by=["start_time DESC"],
-                               max_results=1)
+                               max_results=1000)
         if not sweeps:
             raise LookupError(f"--experiment: {experiment!r} holds no sweep (parent) run")
-        return sweeps[0]
+        return next((r for r in sweeps if r.data.tags.get(SMOKE_TAG) != "true"), sweeps[0])
     try:
         parent = c.get_run(parent_run_id)
     except MlflowException:

@@ -148,6 +148,7 @@ NUMBER_TAG = "study.trial_number"  # its number in the sweep, as its run name st
 STATUS_TAG = "study.status"
 FAILURE_TAG = "study.failure_reason"
 SWEEP_TAG = "study.sweep"
+SMOKE_TAG = "study.smoke_test"  # "true" on a --smoke-test sweep: an experiment's latest sweep is another, if any
 TRANSFER_TAG = "study.transfer"      # "zero-shot", or "in-distribution" (fine-tuning captions name the classes)
 TRANSFER_NOTE_TAG = "study.transfer_note"  # why a study is in-distribution transfer, in one sentence
 OVERLAP_METRIC = "data_overlap"      # data_overlap/<role>/<benchmark>: its images also in the fine-tuning set

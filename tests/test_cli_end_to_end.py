@@ -37,6 +37,7 @@ def test_smoke_study_records_parent_baseline_and_one_child_per_trial(tmp_path, s
     assert parent.info.run_id in out
     assert parent.data.tags["mlflow.source.git.commit"]
     assert parent.data.tags["version.torch"] and parent.data.tags["version.ray"] == "2.60.0"
+    assert parent.data.tags["study.smoke_test"] == "true"  # so that the experiment's latest sweep is a real one
     assert {a.path for a in c.list_artifacts(parent.info.run_id)} >= {"study_config.yaml", "package_versions.json",
                                                                        "analysis"}
     assert "trade-off report" in out

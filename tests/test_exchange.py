@@ -111,6 +111,8 @@ def test_the_report_gives_each_methods_rate_and_draws_it(tmp_path):
     assert "BitFit: too few trials (2)" in table
     assert (report.parent / "tradeoff_map.png").stat().st_size > 0
     assert "lora_rank" not in " ".join(lines)  # fixed in this study: no "too few trials to say where gains saturate"
+    header = report.read_text().split("## Trials")[1].strip().splitlines()[0]
+    assert header.startswith("| trial_id | status | method |")  # a methods study's table says which trial is which
 
 
 def test_a_collapsed_trial_never_has_its_alpha_chosen_by_top1_when_the_headline_is_balanced_accuracy():

@@ -56,7 +56,9 @@ def test_a_k_shot_sweep_reports_the_ceiling_and_draws_shots_on_a_log_axis(tmp_pa
     scales, labels = drawn["marginals"]
     assert [s for s, lab in zip(scales, labels) if lab.startswith("shots per class")] == ["log", "log"]
     report = (tmp_path / "out" / "s" / parent / "report.md").read_text()
-    assert "| data_fraction | shots_per_class |" in report  # the trial table shows k
+    header = report.split("## Trials")[1].strip().splitlines()[0]
+    assert "| lora_rank | shots_per_class |" in header and "data_fraction" not in header  # k, not the fraction
+    assert "| method |" not in header  # one method: no column for it
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 from helpers import log_final_records, log_sweep_config
 from mlflow.tracking import MlflowClient
 
-from study.orchestration.summary import format_summary
+from study.orchestration.summary import format_summary, knobs
 from study.selection import best_trial, pareto_front
 from study.tracking import log_dict_artifact, read_sweep
 from study.settings import TrialSettings
@@ -87,3 +87,14 @@ def test_holm_matches_statsmodels_and_verdicts_follow_the_interval():
     assert verdict(0.05, -0.01, 0.09, False) == "no reliable gain"
     assert verdict(-0.05, -0.09, -0.01, False) == "loss"
     assert verdict(0.09, 0.04, 0.14, True).startswith("no reliable gain (the model collapsed")
+
+
+def test_the_summarys_knobs_are_those_the_trials_method_used():
+    # A methods study printed lora_rank=4, lora_alpha=None for its best trial, a full fine-tuning, and a k-shot one
+    # data_fraction=1 beside shots_per_class.
+    full = knobs(TrialSettings(method="full", learning_rate=1e-3, lora_blocks=2))
+    assert full["method"] == "full" and full["lora_blocks"] == 2 and full["data_fraction"] == 1.0
+    assert not {"lora_rank", "lora_alpha", "lora_targets"} & full.keys() and None not in full.values()
+    assert not {"lora_blocks", "lora_towers", "lora_rank"} & knobs(TrialSettings(method="projections")).keys()
+    lora = knobs(TrialSettings(lora_rank=8, shots_per_class=4))
+    assert lora["lora_rank"] == 8 and lora["shots_per_class"] == 4 and "data_fraction" not in lora

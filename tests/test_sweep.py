@@ -15,7 +15,7 @@ from study.orchestration.prepare import Prepared
 from study.orchestration.sweep import RunOptions, Sweep, SweepState
 from study.orchestration.trial import number_in
 from study.orchestration.tuner import collect
-from study.tracking import SweepRecorder
+from study.tracking import SweepRecorder, find_sweep
 from study.vocabulary import DONE, ERROR, UNFINISHED
 
 DONE_METRICS = {"val/specialized_top1": 0.5, "test/specialized_top1": 0.4, "epoch": 2}
@@ -171,3 +171,18 @@ def test_sweep_state_round_trips_and_a_broken_one_names_resume(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="unreadable sweep state"):
         SweepState.load(Path(path))
+
+
+def test_an_experiments_latest_sweep_is_not_a_smoke_test_while_it_holds_a_real_one(store):
+    # A new user ran the study, then --smoke-test in the same experiment: `analysis compare <experiment>` and
+    # `analysis --experiment` took the smoke test's sweep for the study's.
+    uri, c, folder = store
+    exp = c.create_experiment("smoke-after-real", artifact_location=(folder / "smoke-after-real").as_uri())
+    real = c.create_run(exp, tags={"study.kind": "sweep"}, start_time=1_000).info.run_id
+    smoke = c.create_run(exp, tags={"study.kind": "sweep", "study.smoke_test": "true"}, start_time=2_000).info.run_id
+    assert find_sweep(c, "smoke-after-real").info.run_id == real
+    assert find_sweep(c, "smoke-after-real", smoke).info.run_id == smoke  # named, it is read
+    only = c.create_experiment("smoke-only", artifact_location=(folder / "smoke-only").as_uri())
+    first = c.create_run(only, tags={"study.kind": "sweep", "study.smoke_test": "true"}, start_time=1_000).info.run_id
+    second = c.create_run(only, tags={"study.kind": "sweep", "study.smoke_test": "true"}, start_time=2_000).info.run_id
+    assert find_sweep(c, "smoke-only").info.run_id == second != first

@@ -151,7 +151,7 @@ def best_lines(best: TrialRecord, baseline: dict, head: str, p_adjusted: float |
         adj = f", Holm-adjusted over {n_trials} trial{'s' if n_trials != 1 else ''} p = {p_adjusted:.2g}" if p_adjusted is not None else ""
         lines.append(f"  specialized McNemar p = {p:.2g} (top-1 errors, against the baseline on the same images){adj}")
     if best.settings is not None:
-        lines.append("  knobs: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(best.settings.model_dump().items())))
+        lines.append("  knobs: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(knobs(best.settings).items())))
     if WISEFT_BEST_ALPHA in m:
         lines.append(wiseft_line(m, head, select or f"mean_{head}"))
     return lines
@@ -166,6 +166,18 @@ def wiseft_line(m: dict, head: str, select: str) -> str:
             f"{metric_words(select)} gives test {metric_words(head)} specialized {test['specialized']:.1%}, general "
             f"{test['general']:.1%}; validation {metric_words(select)} by alpha: "
             + ", ".join(f"{a:g}: {v:.1%}" for a, v, _ in curve))
+
+
+def knobs(settings) -> dict:
+    """The knobs a trial's method used, for its summary line: none left unset (``None``), no LoRA knob for another
+    method (no block knob for ``projections``), no ``data_fraction`` beside ``shots_per_class``."""
+    values = {k: v for k, v in settings.model_dump().items() if v is not None}
+    unused = {"lora": (), "projections": ("lora_rank", "lora_alpha", "lora_targets", "lora_blocks", "lora_towers")}
+    for k in unused.get(settings.method, ("lora_rank", "lora_alpha", "lora_targets")):
+        values.pop(k, None)
+    if settings.shots_per_class is not None:
+        values.pop("data_fraction", None)
+    return values
 
 
 def change_line(m: dict, baseline: dict, role: str, head: str) -> str:
@@ -200,7 +212,11 @@ def front_lines(sweep: SweepRecord, cfg: StudyConfig) -> list[str]:
         parts = []
         for metric in (x, y):
             value, base = r.metrics.get(key(TEST, metric), float("nan")), baseline.get(key(TEST, metric))
-            parts.append(f"{metric} {value:.3g}" + (f" ({(value - base) * 100:+.1f} pts)" if base is not None else ""))
+            if metric.endswith(("_gain", "_change")):  # already a difference against the baseline
+                parts.append(f"{metric} {value * 100:+.1f} points")
+            else:
+                parts.append(f"{metric} {value:.1%}" + (f" ({(value - base) * 100:+.1f} points)" if base is not None
+                                                        else ""))
         lines.append(f"  {r.label}: " + ", ".join(parts))
     return lines
 

@@ -45,6 +45,7 @@ class RunOptions:
     address: Optional[str] = None       # Ray cluster address; None: start a local Ray
     resume: bool = False
     tracking_flag: str = "--tracking-uri"  # where the tracking URI came from (a flag or MLFLOW_TRACKING_URI)
+    smoke_test: bool = False  # --smoke-test: the parent run is tagged, so that no reader takes it for the study
 
     def state_file(self, study: str) -> Path:
         """The sweep's own small state (:class:`SweepState`), for ``--resume``."""
@@ -116,7 +117,8 @@ class Sweep:
             sweep.recorder.reopen()
             return sweep
         name = time.strftime("sweep-%Y%m%d-%H%M%S")
-        recorder, baseline_run = tracking.SweepRecorder.start(cfg, prepared, opts.tracking_uri, name)
+        recorder, baseline_run = tracking.SweepRecorder.start(cfg, prepared, opts.tracking_uri, name,
+                                                                      smoke=opts.smoke_test)
         state = SweepState(sweep=name, tracking_uri=opts.tracking_uri, experiment_id=recorder.experiment_id,
                            parent_run_id=recorder.parent_run_id, baseline_run_id=baseline_run,
                            storage=opts.storage_path or str(opts.output_dir / cfg.name / "ray"), parts=[name],
