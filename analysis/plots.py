@@ -185,10 +185,11 @@ def marginals(rec: StudyRecords, out: Path) -> Path:
 
 
 def level_means(x: pd.Series, y: pd.Series, agg: str = "mean") -> pd.Series:
-    """``agg`` (mean or count) of ``y`` per distinct ``x`` (few levels) or per quartile bin of ``x``."""
+    """``agg`` (mean or count) of ``y`` per distinct ``x`` (up to 4 levels, or up to 8 whole numbers: k shots of
+    1, 2, 4, 8, 16 stay five levels) or per quartile bin of ``x``."""
     ok = x.notna() & y.notna()
     x, y = x[ok], y[ok]
-    if x.nunique() <= 4:
+    if x.nunique() <= 4 or (x.nunique() <= 8 and bool((x == x.round()).all())):
         return y.groupby(x).agg(agg).sort_index()
     bins = pd.qcut(x, q=min(4, x.nunique()), duplicates="drop")
     values = y.groupby(bins, observed=True).agg(agg)

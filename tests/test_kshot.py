@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import pandas as pd
 import pytest
 from helpers import mlflow_runs, run_cli
 from test_analysis import BASELINE, _study, _trial
@@ -81,3 +83,14 @@ def test_a_two_trial_k_shot_study_runs_end_to_end(tmp_path, smoke_cache):
     assert not math.isnan(baseline["test/specialized_linear_probe_balanced_accuracy"])
     assert baseline["test/specialized_linear_probe_train_images"] > 0
     assert "baseline linear probe (the ceiling" in proc.stdout and "linear-probe ceiling, specialized" in proc.stdout
+
+
+def test_a_budget_curve_keeps_each_k_a_level_of_its_own():
+    # The k-shot study's report once read "peaks at shots_per_class ≈ 1.5": five k were binned into quartiles.
+    k = pd.Series([1, 1, 2, 2, 4, 4, 8, 8, 16, 16], dtype=float)
+    gain = pd.Series([1.0, 3.0, 0.0, 2.0, -1.0, -1.0, 0.5, 0.5, 4.0, 2.0])
+    means = plots.level_means(k, gain)
+    assert means.to_dict() == {1.0: 2.0, 2.0: 1.0, 4.0: -1.0, 8.0: 0.5, 16.0: 3.0}
+    assert plots.level_means(k, gain, agg="count").tolist() == [2] * 5
+    rates = pd.Series(np.geomspace(1e-4, 1e-2, 10))  # a continuous knob is still binned into quartiles
+    assert len(plots.level_means(rates, gain)) == 4
