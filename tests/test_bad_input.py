@@ -349,7 +349,7 @@ CASES = [
       "remove data_fraction"),
     R("shots-without-labels", ["--space", "kshot", "--set", "data.finetune.label_column=null"],
       "--set data.finetune.label_column", "params.shots_per_class", "no labels"),
-    R("shots-above-the-smallest-class", ["--space", "kshot", "--set", "params.shots_per_class=500"],
+    R("shots-above-the-smallest-class", ["--space", "kshot", "--set", "params.shots_per_class.choices=[4, 500]"],
       "params.shots_per_class", "500 images per class", "has"),
     # ---- the model
     R("model-unknown", ["--set", "model.name=ViT-Nope-32"], "model.name", "unknown open_clip model"),
