@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("sweeps", nargs="+", metavar="SWEEP",
                    help="an experiment name (its latest sweep, not a --smoke-test's) or a sweep's parent run id, "
-                        "optionally with its own tracking store in front: URI::NAME (e.g. sqlite:///other/mlflow.db::clip-methods)")
+                        "optionally with its own tracking store in front: URI::NAME "
+                        "(e.g. sqlite:///other/mlflow.db::clip-methods)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="the store of every SWEEP given without URI:: (env MLFLOW_TRACKING_URI; default "
                         "sqlite:///mlflow.db here)")

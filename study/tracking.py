@@ -452,9 +452,9 @@ class SweepRecorder:
         import yaml
         from mlflow.entities import Metric
 
-        c, parent = self.c, self.parent_run_id
         from .library.models import weights_source
 
+        c, parent = self.c, self.parent_run_id
         weights = {"model.pretrained": prepared.model_pretrained} if prepared.model_pretrained else {}
         weights[WEIGHTS_PARAM] = weights_source(cfg.model.name, cfg.model.pretrained)  # in words: where they came from
         log_params(c, parent, {"search.trials": str(cfg.search.trials), "evaluation.headline": cfg.evaluation.headline,

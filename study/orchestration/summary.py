@@ -135,9 +135,10 @@ def probe_lines(m: dict, baseline: dict, head: str) -> list[str]:
 
 
 def best_lines(best: TrialRecord, baseline: dict, head: str, p_adjusted: float | None, n_trials: int,
-               select: str | None = None) -> list[str]:
+               select: str) -> list[str]:
     """The chosen trial's test numbers: headline with its paired interval and verdict, top-1 beside it,
-    the collapse flag, the corrected p-value, knobs and the WiSE-FT choice."""
+    the collapse flag, the corrected p-value, knobs and the WiSE-FT choice (``select``: what chose alpha,
+    ``evaluation.wiseft_metric``)."""
     m = best.metrics
     lines = [f"best trial {best.label} (chosen on validation):"]
     for role in ("specialized", "general"):
@@ -153,7 +154,7 @@ def best_lines(best: TrialRecord, baseline: dict, head: str, p_adjusted: float |
     if best.settings is not None:
         lines.append("  knobs: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(knobs(best.settings).items())))
     if WISEFT_BEST_ALPHA in m:
-        lines.append(wiseft_line(m, head, select or f"mean_{head}"))
+        lines.append(wiseft_line(m, head, select))
     return lines
 
 

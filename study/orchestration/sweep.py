@@ -118,7 +118,7 @@ class Sweep:
             return sweep
         name = time.strftime("sweep-%Y%m%d-%H%M%S")
         recorder, baseline_run = tracking.SweepRecorder.start(cfg, prepared, opts.tracking_uri, name,
-                                                                      smoke=opts.smoke_test)
+                                                              smoke=opts.smoke_test)
         state = SweepState(sweep=name, tracking_uri=opts.tracking_uri, experiment_id=recorder.experiment_id,
                            parent_run_id=recorder.parent_run_id, baseline_run_id=baseline_run,
                            storage=opts.storage_path or str(opts.output_dir / cfg.name / "ray"), parts=[name],
