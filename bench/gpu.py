@@ -276,29 +276,17 @@ def worker_rows(ctx: Context) -> list[dict]:
                 "ratio", ">= 0.9", None, "features streamed from the store each step vs resident on the GPU")]
 
 
-class StoreBatches:
-    """A map-style dataset over an EvalSet that gives whole batches from its on-disk store (bench/speed.py's)."""
-
-    def __init__(self, s):
-        self.s, self.classes = s, s.classnames
-
-    def __len__(self):
-        return len(self.s.images)
-
-    def __getitem__(self, idx):
-        return self.s.images[idx], self.s.labels[idx]
-
-
 def zeroshot_rows(ctx: Context) -> list[dict]:
     note = stand_in_sklearn()
     import clip_benchmark.metrics.zeroshot_classification as zsc
+    from speed import StoreBatches, accuracy  # bench/speed.py's (standard library only at import), beside this file
     from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
     from study.library.benchmarks import decode
     from study.library.models import load_base_model
     from study.library.zeroshot import evaluate_sets
 
-    zsc.accuracy = _accuracy  # clip-benchmark 1.6.2 calls float() on an array, which numpy >= 2.4 refuses
+    zsc.accuracy = accuracy  # clip-benchmark 1.6.2 calls float() on an array, which numpy >= 2.4 refuses
     lm = load_base_model(ctx.size["model"], None, device=ctx.device)
     spec = ctx.data.specs("specialized")[0]
     s = decode(spec, "specialized", True, ctx.cache, lm.preprocess, ctx.data.seed, ctx.data.offline_scale)
@@ -324,12 +312,6 @@ def zeroshot_rows(ctx: Context) -> list[dict]:
                 ours / theirs, "ratio", ">= 1.0", None, note),
             row("zero-shot", "top-1: evaluate_sets vs CLIP_benchmark", top1["clip_benchmark"], top1["ours"], gap,
                 "abs", "same (<= 1e-6)", gap <= 1e-6)]
-
-
-def _accuracy(output, target, topk=(1,)):
-    pred = output.topk(max(topk), 1, True, True)[1].t()
-    correct = pred.eq(target.view(1, -1).expand_as(pred))
-    return [float(correct[:k].reshape(-1).float().sum(0, keepdim=True).cpu().numpy()[0]) / len(target) for k in topk]
 
 
 def prefix_rows(ctx: Context) -> list[dict]:

@@ -280,7 +280,7 @@ def bare_evaluate(b: dict, cfg, pretrained, cache_dir: Path, baseline: dict, pre
 
 
 # ------------------------------------------------------------------------ zero-shot throughput (job)
-def _accuracy(output, target, topk=(1,)):
+def accuracy(output, target, topk=(1,)):
     """clip-benchmark 1.6.2's ``accuracy`` with ``[0]`` before ``float()``: numpy >= 2.4 refuses ``float()`` of a
     one-element array (the same workaround as tests/test_parity.py)."""
     pred = output.topk(max(topk), 1, True, True)[1].t()
@@ -313,7 +313,7 @@ def zeroshot_speed(space: Path, cache_dir: Path, batch: int, repeats: int) -> di
     from study.library.models import load_base_model
     from study.library.zeroshot import evaluate_sets
 
-    zsc.accuracy = _accuracy
+    zsc.accuracy = accuracy
     cfg = load_study_config(space)
     threads = max(1, int(cfg.resources.cpus_per_worker))
     torch.set_num_threads(threads)
